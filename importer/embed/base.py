@@ -1,0 +1,33 @@
+"""The one small interface every embedding provider implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Embedder(Protocol):
+    """Turns chunk texts into vectors.
+
+    ``name`` is the provider's short name (``local`` or ``voyage``); it ends the
+    collection name so that vectors of different models never share a collection.
+    """
+
+    name: str
+    dimensions: int
+    #: The longest chunk, in characters, the model really reads (longer text is truncated by the model).
+    max_chars: int
+    #: How many texts one ``embed`` call should carry for the best speed at bounded memory.
+    batch_size: int
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed ``texts`` (documents), one vector per text, in order."""
+        ...
+
+    async def embed_query(self, text: str) -> list[float]:
+        """Embed a search query."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release threads, sessions and models."""
+        ...
