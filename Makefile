@@ -1,0 +1,45 @@
+# Everyday commands. `make help` lists them.
+PY ?= .venv/bin/python
+SAMPLE ?= sample-run
+
+.PHONY: help setup model sample test lint format typecheck check bench cluster cluster-down ci
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup:  ## create .venv, install the project with its dev tools, prepare the embedding model
+	bash scripts/setup.sh
+
+model:  ## prepare the embedding model in the cache (no network needed)
+	$(PY) -m importer model prepare
+
+sample:  ## import a generated sample tree into an embedded Qdrant and search it
+	bash scripts/sample.sh $(SAMPLE)
+
+test:  ## run the whole test suite (starts the local control plane)
+	$(PY) -m pytest
+
+lint:  ## ruff lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:  ## apply ruff's formatting and safe fixes
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+typecheck:  ## mypy
+	$(PY) -m mypy
+
+check: lint typecheck  ## lint and type-check
+
+bench:  ## run the benchmarks (prints numbers)
+	$(PY) bench/importer_bench.py
+
+cluster:  ## start the local Kubernetes control plane and print the KUBECONFIG to export
+	$(PY) -m localcluster up
+
+cluster-down:  ## stop the local control plane
+	$(PY) -m localcluster down
+
+ci:  ## what CI runs
+	bash .ci/run
