@@ -14,6 +14,8 @@ class FileState:
     mtime: float = 0.0
     #: sha256 (hex, first 16 chars) of the file's first bytes: a changed head means the file was rewritten.
     head_hash: str = ""
+    #: How many bytes ``head_hash`` covers (the file may have been shorter than the usual head).
+    head_size: int = 0
     #: Byte offset just past the last complete record consumed.
     consumed: int = 0
     #: Byte offset where the next run resumes reading: the start of the still-short tail chunk

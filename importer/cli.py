@@ -1,0 +1,118 @@
+"""``python -m importer``: run an import, prepare the model, search what was imported."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+from importer import settings as settings_module
+from importer.settings import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_MEMORY_BUDGET, EXIT_OK, SettingsError
+
+log = logging.getLogger("importer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.handler(args))
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FATAL
+    except Exception as error:
+        # Qdrant or the Kubernetes API unreachable after retries, a missing model, a refused API key:
+        # the run stops here, with its state saved up to the last batch Qdrant acknowledged.
+        log.debug("fatal error", exc_info=True)
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FATAL
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m importer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="import a conversation tree into Qdrant")
+    settings_module.add_arguments(run)
+    run.set_defaults(handler=_run)
+
+    model = commands.add_parser("model", help="manage the local embedding model")
+    model_commands = model.add_subparsers(required=True, metavar="ACTION")
+    prepare = model_commands.add_parser(
+        "prepare", help="build the FastEmbed model from the PyPI package, offline"
+    )
+    prepare.add_argument("--dest", type=Path, help="target folder [IMPORTER_MODEL_DIR]")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+    prepare.set_defaults(handler=_prepare_model)
+
+    search = commands.add_parser("search", help="search imported conversations by meaning")
+    search.add_argument("query")
+    search.add_argument("--limit", type=int, default=5)
+    search.add_argument("--project", help="only this project")
+    settings_module.add_arguments(search)
+    search.set_defaults(handler=_search)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    for noisy in ("httpx", "httpcore", "urllib3", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    from importer.model import prepare_model
+
+    folder = prepare_model(args.dest, force=args.force)
+    print(folder)
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from importer.runner import run_import
+
+    settings = settings_module.from_arguments(args)
+    settings.validate()
+    stats = asyncio.run(run_import(settings))
+    summary: dict[str, Any] = stats.to_json()
+    if settings.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(_human_summary(summary), flush=True)
+    if stats.stopped == "memory":
+        return EXIT_MEMORY_BUDGET
+    if stats.stopped == "signal":
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _human_summary(summary: dict[str, Any]) -> str:
+    skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
+    return (
+        f"imported {summary['files']} files ({summary['unchanged']} unchanged, {summary['failed']} failed): "
+        f"{summary['messages']} messages, {summary['chunks']} chunks in {summary['seconds']:.1f} s, "
+        f"peak RSS {summary['peak_rss_mb']:.0f} MB; skipped lines: {skipped}"
+    )
+
+
+def _search(args: argparse.Namespace) -> int:
+    from importer.runner import search
+
+    settings = settings_module.from_arguments(args)
+    hits = asyncio.run(search(settings, args.query, limit=args.limit, project=args.project))
+    if not hits:
+        print("no results (has anything been imported into this Qdrant with this provider?)")
+    for hit in hits:
+        print(f"{hit.score:.3f}  {hit.project}  {hit.timestamp}  {hit.source}#{hit.chunk_index}")
+        print(f"       {hit.excerpt}")
+    return EXIT_OK

@@ -1,0 +1,193 @@
+"""Stream-parse one Claude Code session file into text messages, never holding the whole file.
+
+Every damaged line is skipped and counted by reason; nothing that parses is lost. A last line without
+a newline is a record still being written: it is left for the next run unless the file has been quiet
+for the settle time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import orjson
+
+BOM = b"\xef\xbb\xbf"
+#: Records of these types are turns of the conversation; everything else (summary, system,
+#: queue-operation, file-history-snapshot, unknown types) is not embedded.
+TURN_TYPES = frozenset({"user", "assistant"})
+_SKIP_BLOCK = 64 * 1024
+
+
+@dataclass(slots=True)
+class Message:
+    """One user or assistant turn. ``text`` is empty for turns that only use tools."""
+
+    role: str
+    text: str
+    timestamp: str
+    #: Byte offsets of the record: where its line starts and just past its newline.
+    start: int
+    end: int
+    tools: list[str]
+    files: list[str]
+    cwd: str
+    git_branch: str
+    is_sidechain: bool
+
+
+@dataclass
+class ParseReport:
+    """What reading one file found, beyond its messages."""
+
+    #: Offset just past the last complete line consumed.
+    consumed: int = 0
+    #: True when an incomplete last line was left for a later run.
+    partial: bool = False
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+class BadShape(ValueError):
+    """A JSON record whose structure is not that of a conversation turn."""
+
+
+def read_messages(
+    fh: BinaryIO,
+    start: int,
+    report: ParseReport,
+    *,
+    max_line_bytes: int,
+    consume_partial_tail: bool,
+    count_skips_from: int = 0,
+) -> Iterator[Message]:
+    """Yield the turns of the file from byte ``start`` on, updating ``report`` as lines are consumed.
+
+    Damaged lines before ``count_skips_from`` were counted by an earlier run (which re-reads a file's
+    open tail chunk) and are not counted again.
+    """
+    fh.seek(start)
+    offset = start
+    report.consumed = start
+    if start == 0:
+        head = fh.read(len(BOM))
+        if head == BOM:
+            report.skipped["bom"] += 1
+            offset = len(BOM)
+        fh.seek(offset)
+    while True:
+        line = fh.readline(max_line_bytes + 1)
+        if not line:
+            return
+        line_start, offset = offset, offset + len(line)
+        tally = report.skipped if line_start >= count_skips_from else Counter[str]()
+        if not line.endswith(b"\n"):
+            if len(line) > max_line_bytes:
+                offset += _skip_rest_of_line(fh)
+                tally["too_long"] += 1
+                report.consumed = offset
+                continue
+            if not consume_partial_tail:
+                report.partial = True
+                return
+        report.consumed = offset
+        message = _parse_line(line, line_start, offset, tally)
+        if message is not None:
+            yield message
+
+
+def _skip_rest_of_line(fh: BinaryIO) -> int:
+    """Read past the end of an over-long line in small blocks; return how many bytes were skipped."""
+    skipped = 0
+    while True:
+        block = fh.readline(_SKIP_BLOCK)
+        skipped += len(block)
+        if not block or block.endswith(b"\n"):
+            return skipped
+
+
+def _parse_line(line: bytes, start: int, end: int, tally: Counter[str]) -> Message | None:
+    if not line.strip():
+        tally["blank_lines"] += 1
+        return None
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        tally[_undecodable_reason(line)] += 1
+        return None
+    if not isinstance(record, dict):
+        tally["bad_shape"] += 1
+        return None
+    if record.get("type") not in TURN_TYPES:
+        return None
+    try:
+        return _to_message(record, start, end)
+    except BadShape:
+        tally["bad_shape"] += 1
+        return None
+
+
+def _undecodable_reason(line: bytes) -> str:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return "non_utf8"
+    return "bad_json" if line.endswith(b"\n") else "truncated_tail"
+
+
+def _to_message(record: dict[str, Any], start: int, end: int) -> Message:
+    message = record.get("message")
+    if not isinstance(message, dict):
+        raise BadShape("message is not an object")
+    role = message.get("role", record["type"])
+    if role not in TURN_TYPES:
+        raise BadShape(f"unexpected role {role!r}")
+    texts, tools, files = _read_content(message.get("content"))
+    return Message(
+        role=role,
+        text="\n\n".join(texts),
+        timestamp=_str(record.get("timestamp")),
+        start=start,
+        end=end,
+        tools=tools,
+        files=files,
+        cwd=_str(record.get("cwd")),
+        git_branch=_str(record.get("gitBranch")),
+        is_sidechain=record.get("isSidechain") is True,
+    )
+
+
+def _read_content(content: Any) -> tuple[list[str], list[str], list[str]]:
+    """Text to embed, tools used and files touched. Thinking and tool results are not embedded."""
+    if isinstance(content, str):
+        return ([content] if content.strip() else []), [], []
+    if not isinstance(content, list):
+        raise BadShape("content is neither a string nor a list of blocks")
+    texts: list[str] = []
+    tools: list[str] = []
+    files: list[str] = []
+    for block in content:
+        if not isinstance(block, dict):
+            raise BadShape("a content block is not an object")
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+            texts.append(block["text"])
+        elif kind == "tool_use":
+            tools.append(_str(block.get("name")))
+            tool_input = block.get("input")
+            if isinstance(tool_input, dict):
+                path = tool_input.get("file_path") or tool_input.get("path")
+                if isinstance(path, str) and path:
+                    files.append(path)
+    return texts, tools, files
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def is_settled(mtime: float, settle_seconds: float, now: float | None = None) -> bool:
+    """A file untouched for ``settle_seconds`` is no longer being written: its last line is final."""
+    return ((now if now is not None else time.time()) - mtime) >= settle_seconds

@@ -1,0 +1,503 @@
+"""The import pipeline: read and chunk → embed → upsert → checkpoint, as three asyncio stages.
+
+Bounded queues join the stages, so memory is bounded by the queue sizes, not by the tree, and
+embedding (in a thread pool) never waits for Qdrant. Per-file markers travel through the queues in
+order behind their file's chunks: when the upsert stage meets a file's ``FileDone``, every chunk of
+that file has been acknowledged by Qdrant, and only then does the file's new state count as saved-worthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from qdrant_client import models
+
+from importer.chunk import Chunk, Chunker
+from importer.embed.base import Embedder
+from importer.memory import PeakRss, release_memory
+from importer.parse import ParseReport, is_settled, read_messages
+from importer.sink import QdrantSink, point_id
+from importer.state.base import FileState, StateStore, Summary
+from importer.state.file import LEGACY
+
+log = logging.getLogger(__name__)
+
+HEAD_BYTES = 4096
+_YIELD_EVERY_LINES = 200
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    chunk_messages: int = 5
+    max_chunk_chars: int = 1000
+    max_line_bytes: int = 8 << 20
+    settle_seconds: float = 300.0
+    checkpoint_seconds: float = 5.0
+    #: RSS above which the run checkpoints and stops with EXIT_MEMORY_BUDGET (None: no budget).
+    memory_budget: int | None = None
+    shard_index: int = 0
+    shard_count: int = 1
+
+
+@dataclass
+class RunStats:
+    files: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    messages: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    stopped: str = ""  # "", "signal" or "memory"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "unchanged": self.unchanged,
+            "failed": self.failed,
+            "messages": self.messages,
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+            "skipped": dict(sorted(self.skipped.items())),
+            "seconds": round(self.seconds, 3),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "stopped": self.stopped,
+        }
+
+
+@dataclass(slots=True)
+class ChunkItem:
+    collection: str
+    id: str
+    text: str
+    payload: dict[str, Any]
+
+
+@dataclass(slots=True)
+class DeleteFile:
+    """The file was rewritten: its old points go before its new ones arrive."""
+
+    collection: str
+    source: str
+
+
+@dataclass(slots=True)
+class FileDone:
+    source: str
+    state: FileState
+    new_messages: int
+    bytes_read: int
+    skipped: Counter[str]
+
+
+Item = ChunkItem | DeleteFile | FileDone
+
+
+def discover(root: Path, shard_index: int = 0, shard_count: int = 1) -> list[str]:
+    """Session files under ``root`` (relative POSIX paths, sorted) that belong to this shard."""
+    found = []
+    for directory, _dirs, names in os.walk(root):
+        for name in names:
+            if name.endswith(".jsonl"):
+                rel = Path(directory, name).relative_to(root).as_posix()
+                if shard_of(rel, shard_count) == shard_index:
+                    found.append(rel)
+    return sorted(found)
+
+
+def shard_of(rel: str, shard_count: int) -> int:
+    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") % shard_count
+
+
+def stream_of(rel: str) -> tuple[str, str]:
+    """(conversation id, stream id) of a session file: a sub-agent's chunks get their own id space."""
+    parts = Path(rel).parts
+    if len(parts) >= 3 and parts[-2] == "subagents":
+        session = parts[-3]
+        return session, f"{session}/{Path(parts[-1]).stem}"
+    session = Path(rel).stem
+    return session, session
+
+
+def project_name(cwd: str, rel: str) -> str:
+    """The project is the last component of the session's working directory. Without one, the
+    encoded folder name is used as it is: decoding it is ambiguous ('-' stands for '/' and '-')."""
+    name = cwd.rstrip("/").rsplit("/", 1)[-1]
+    return name or Path(rel).parts[0]
+
+
+def head_hash(path: Path, size: int) -> tuple[str, int]:
+    covered = min(size, HEAD_BYTES)
+    with path.open("rb") as fh:
+        return hashlib.sha256(fh.read(covered)).hexdigest()[:16], covered
+
+
+class Importer:
+    def __init__(
+        self,
+        *,
+        root: Path,
+        embedder: Embedder,
+        sink: QdrantSink,
+        store: StateStore,
+        options: RunOptions,
+        progress: Any = None,
+    ) -> None:
+        self.root = root
+        self.embedder = embedder
+        self.sink = sink
+        self.store = store
+        self.options = options
+        self.progress = progress
+        self.stats = RunStats()
+        self.state: dict[str, FileState] = {}
+        self._dirty: dict[str, FileState] = {}
+        self._last_save = 0.0
+        self._last_release = 0.0
+        self._stop = asyncio.Event()
+        self._peak = PeakRss()
+        self._files: list[str] = []
+
+    def request_stop(self, reason: str) -> None:
+        """Take no new file; what is in flight is finished and saved."""
+        if not self.stats.stopped:
+            self.stats.stopped = reason
+        self._stop.set()
+
+    async def run(self) -> RunStats:
+        started = time.monotonic()
+        self.state = await asyncio.to_thread(self.store.load)
+        files = self._files = discover(self.root, self.options.shard_index, self.options.shard_count)
+        if self.progress is not None:
+            self.progress.reset(total=len(files))
+        to_embed: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=self.embedder.batch_size * 8)
+        to_upsert: asyncio.Queue[tuple[list[Item], list[Any]] | None] = asyncio.Queue(maxsize=2)
+        stages = [
+            asyncio.create_task(self._read(files, to_embed), name="read"),
+            asyncio.create_task(self._embed(to_embed, to_upsert), name="embed"),
+            asyncio.create_task(self._upsert(to_upsert), name="upsert"),
+        ]
+        try:
+            await _gather_failing_fast(stages)
+        finally:
+            self.stats.seconds = time.monotonic() - started
+            self.stats.peak_rss_mb = max(self._peak.peak, self._peak.sample()) / 2**20
+            await self._checkpoint(phase=self._final_phase(), force=True)
+        return self.stats
+
+    def _final_phase(self) -> str:
+        if self.stats.stopped == "memory":
+            return "MemoryBudget"
+        if self.stats.stopped == "signal":
+            return "Interrupted"
+        summary = self.summary("")
+        return "Succeeded" if summary.files_done == summary.files_total else "Failed"
+
+    # -- stage 1: read and chunk ------------------------------------------------------------------
+
+    async def _read(self, files: list[str], out: asyncio.Queue[Item | None]) -> None:
+        try:
+            for rel in files:
+                if self._stop.is_set():
+                    break
+                for count, item in enumerate(self._read_file(rel), 1):
+                    await out.put(item)
+                    if count % _YIELD_EVERY_LINES == 0:
+                        await asyncio.sleep(0)
+                    if self._stop.is_set():
+                        break  # the file is not marked done: the next run resumes it
+                await asyncio.sleep(0)
+        finally:
+            await out.put(None)
+
+    def _read_file(self, rel: str) -> Iterator[Item]:
+        path = self.root / rel
+        old = self.state.get(rel)
+        try:
+            stat = path.stat()
+            yield from self._plan_and_read(rel, path, stat, old)
+        except OSError as error:
+            log.warning("cannot read file", extra={"source": rel, "error": str(error)})
+            failed = replace(old or FileState(), status="failed", error=str(error))
+            yield FileDone(rel, failed, 0, 0, Counter())
+
+    def _plan_and_read(
+        self, rel: str, path: Path, stat: os.stat_result, old: FileState | None
+    ) -> Iterator[Item]:
+        settled = is_settled(stat.st_mtime, self.options.settle_seconds)
+        if old is not None and old.status == LEGACY:
+            if stat.st_mtime <= old.mtime + 1:
+                yield self._adopt_legacy(rel, path, stat, old)
+                return
+            old = None  # changed since the older importer saw it: import it whole
+        if old is not None and self._unchanged(old, stat, settled):
+            self.stats.unchanged += 1
+            if self.progress is not None:
+                self.progress.update(1)
+            return
+        digest, covered = head_hash(path, stat.st_size)
+        rewritten = old is not None and (stat.st_size < old.consumed or old.head_hash != _head_of(path, old))
+        if old is None or rewritten:
+            if old is not None and old.project:
+                yield DeleteFile(self.sink.collection_for(old.project), rel)
+            old = FileState()
+        yield from self._read_new_part(rel, path, stat, old, settled, (digest, covered))
+
+    @staticmethod
+    def _unchanged(old: FileState, stat: os.stat_result, settled: bool) -> bool:
+        same = old.size == stat.st_size and old.mtime == stat.st_mtime
+        return same and (old.status == "done" or (old.status == "partial" and not settled))
+
+    def _adopt_legacy(self, rel: str, path: Path, stat: os.stat_result, old: FileState) -> FileDone:
+        """The older importer embedded this file and it has not changed since: record it, embed nothing."""
+        digest, covered = head_hash(path, stat.st_size)
+        adopted = replace(
+            old,
+            size=stat.st_size,
+            mtime=stat.st_mtime,
+            head_hash=digest,
+            head_size=covered,
+            consumed=stat.st_size,
+            offset=stat.st_size,
+            status="done",
+        )
+        self.stats.unchanged += 1
+        return FileDone(rel, adopted, 0, 0, Counter())
+
+    def _read_new_part(
+        self,
+        rel: str,
+        path: Path,
+        stat: os.stat_result,
+        old: FileState,
+        settled: bool,
+        head: tuple[str, int],
+    ) -> Iterator[Item]:
+        conversation, stream = stream_of(rel)
+        sidechain = "/subagents/" in f"/{rel}"
+        report = ParseReport()
+        chunker = Chunker(
+            first_index=old.next_chunk,
+            start=old.offset,
+            max_messages=self.options.chunk_messages,
+            max_chars=self.options.max_chunk_chars,
+        )
+        project, branch, new_messages = old.project, "", 0
+        with path.open("rb") as fh:
+            messages = read_messages(
+                fh,
+                old.offset,
+                report,
+                max_line_bytes=self.options.max_line_bytes,
+                consume_partial_tail=settled,
+                count_skips_from=old.consumed,
+            )
+            for message in messages:
+                project = project or project_name(message.cwd, rel)
+                branch = message.git_branch or branch
+                sidechain = sidechain or message.is_sidechain
+                new_messages += bool(message.text) and message.start >= old.consumed
+                context = _ChunkContext(rel, conversation, stream, project, branch, sidechain)
+                for chunk in chunker.feed([message]):
+                    yield self._item(chunk, context)
+        tail = chunker.tail
+        if tail is not None:
+            yield self._item(tail, _ChunkContext(rel, conversation, stream, project, branch, sidechain))
+        digest, covered = head
+        skipped = Counter({k: v for k, v in report.skipped.items()})
+        if stat.st_size == 0:
+            skipped["empty_file"] += 1
+        total_skipped = Counter(old.skipped) + skipped if old.consumed else skipped
+        new_state = FileState(
+            size=stat.st_size,
+            mtime=stat.st_mtime,
+            head_hash=digest,
+            head_size=covered,
+            consumed=report.consumed,
+            offset=chunker.tail_start,
+            next_chunk=chunker.next_index,
+            project=project,
+            messages=old.messages + new_messages,
+            chunks=chunker.next_index + (tail is not None),
+            skipped=dict(total_skipped),
+            status="partial" if report.partial else "done",
+        )
+        yield FileDone(rel, new_state, new_messages, report.consumed - old.consumed, skipped)
+
+    def _item(self, chunk: Chunk, context: _ChunkContext) -> ChunkItem:
+        return ChunkItem(
+            collection=self.sink.collection_for(context.project),
+            id=point_id(context.stream, chunk.index),
+            text=chunk.text,
+            payload={
+                "text": chunk.text,
+                "conversation_id": context.conversation,
+                "chunk_index": chunk.index,
+                "timestamp": chunk.timestamp,
+                "project": context.project,
+                "start_role": chunk.start_role,
+                "message_count": chunk.message_count,
+                "source": context.source,
+                "git_branch": context.branch,
+                "is_sidechain": context.sidechain,
+                "tools_used": chunk.tools,
+                "files": chunk.files,
+            },
+        )
+
+    # -- stage 2: embed ---------------------------------------------------------------------------
+
+    async def _embed(
+        self,
+        inbox: asyncio.Queue[Item | None],
+        out: asyncio.Queue[tuple[list[Item], list[Any]] | None],
+    ) -> None:
+        window = self.embedder.batch_size * 4
+        finished = False
+        while not finished:
+            items: list[Item] = []
+            first = await inbox.get()
+            if first is None:
+                break
+            items.append(first)
+            chunks = int(isinstance(first, ChunkItem))
+            while chunks < window and not inbox.empty():
+                nxt = inbox.get_nowait()
+                if nxt is None:
+                    finished = True
+                    break
+                items.append(nxt)
+                chunks += isinstance(nxt, ChunkItem)
+            await out.put((items, await self._vectors(items)))
+        await out.put(None)
+
+    async def _vectors(self, items: list[Item]) -> list[Any]:
+        """Vectors for the chunk items, in order. Texts go to the model sorted by length, so that each
+        batch pads to a similar length (less wasted work than padding short texts to long ones)."""
+        texts = [item.text for item in items if isinstance(item, ChunkItem)]
+        if not texts:
+            return []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        embedded = await self.embedder.embed([texts[i] for i in order])
+        vectors: list[Any] = [None] * len(texts)
+        for position, original in enumerate(order):
+            vectors[original] = embedded[position]
+        return vectors
+
+    # -- stage 3: upsert, acknowledge, checkpoint -------------------------------------------------
+
+    async def _upsert(self, inbox: asyncio.Queue[tuple[list[Item], list[Any]] | None]) -> None:
+        while (batch := await inbox.get()) is not None:
+            items, vectors = batch
+            points: dict[str, list[models.PointStruct]] = {}
+            done: list[FileDone] = []
+            vector_iter = iter(vectors)
+            for item in items:
+                if isinstance(item, ChunkItem):
+                    vector = next(vector_iter)
+                    vector = vector if isinstance(vector, list) else vector.tolist()
+                    points.setdefault(item.collection, []).append(
+                        models.PointStruct(id=item.id, vector=vector, payload=item.payload)
+                    )
+                elif isinstance(item, DeleteFile):
+                    await self._write_points(points)
+                    await asyncio.to_thread(self.sink.delete_source, item.collection, item.source)
+                else:
+                    done.append(item)
+            await self._write_points(points)
+            for marker in done:
+                await self._acknowledge(marker)
+
+    async def _write_points(self, points: dict[str, list[models.PointStruct]]) -> None:
+        for collection, batch in points.items():
+            await asyncio.to_thread(self.sink.upsert, collection, batch)
+            self.stats.chunks += len(batch)
+        points.clear()
+
+    async def _acknowledge(self, done: FileDone) -> None:
+        """Every chunk of the file is in Qdrant: its new state may be saved."""
+        self.state[done.source] = done.state
+        self._dirty[done.source] = done.state
+        self.stats.files += 1
+        self.stats.messages += done.new_messages
+        self.stats.bytes += done.bytes_read
+        self.stats.skipped.update(done.skipped)
+        self.stats.failed += done.state.status == "failed"
+        if self.progress is not None:
+            self.progress.update(1)
+        self._watch_memory()
+        await self._checkpoint(phase="Running")
+
+    def _watch_memory(self) -> None:
+        now = time.monotonic()
+        if now - self._last_release < 1.0:
+            return  # a full collection costs milliseconds; once a second is enough to stay flat
+        self._last_release = now
+        release_memory()
+        rss = self._peak.sample()
+        budget = self.options.memory_budget
+        if budget is not None and rss > budget:
+            log.error("memory budget exceeded", extra={"rss_mb": rss >> 20, "budget_mb": budget >> 20})
+            self.request_stop("memory")
+
+    async def _checkpoint(self, *, phase: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_save < self.options.checkpoint_seconds:
+            return
+        changes, self._dirty = self._dirty, {}
+        try:
+            await asyncio.to_thread(self.store.save, changes, self.summary(phase))
+        except BaseException:
+            self._dirty = changes | self._dirty
+            raise
+        self._last_save = now
+
+    def summary(self, phase: str) -> Summary:
+        """Totals over this shard's files as they are on disk now."""
+        mine = [s for rel in self._files if (s := self.state.get(rel)) is not None]
+        return Summary(
+            files_total=len(self._files),
+            files_done=sum(s.status in ("done", "partial") for s in mine),
+            files_failed=sum(s.status == "failed" for s in mine),
+            chunks=sum(s.chunks for s in mine),
+            bytes=sum(s.consumed for s in mine),
+            phase=phase,
+            updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _ChunkContext:
+    source: str
+    conversation: str
+    stream: str
+    project: str
+    branch: str
+    sidechain: bool
+
+
+def _head_of(path: Path, old: FileState) -> str:
+    with path.open("rb") as fh:
+        return hashlib.sha256(fh.read(old.head_size)).hexdigest()[:16]
+
+
+async def _gather_failing_fast(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for all stages; if one fails, cancel the others and raise its error."""
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

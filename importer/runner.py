@@ -1,0 +1,145 @@
+"""Wire settings to parts: the embedder, Qdrant, the state store; then run an import or a search."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from importer.embed.base import Embedder
+from importer.memory import memory_limit
+from importer.pipeline import Importer, RunOptions, RunStats
+from importer.settings import Settings
+from importer.sink import QdrantSink
+from importer.state.base import StateStore
+from importer.state.file import FileStateStore
+
+
+def make_embedder(settings: Settings) -> Embedder:
+    if settings.provider == "voyage":
+        from importer.embed.voyage import DEFAULT_MODEL, VoyageEmbedder
+
+        return VoyageEmbedder(settings.model or DEFAULT_MODEL, base_url=settings.voyage_base_url)
+    from importer.embed.local import LocalEmbedder
+    from importer.model import DEFAULT_MODEL as LOCAL_MODEL
+
+    if settings.model and settings.model != LOCAL_MODEL:
+        raise ValueError(f"--model {settings.model!r}: the fastembed provider serves {LOCAL_MODEL} only")
+    return LocalEmbedder(settings.model_dir, batch_size=settings.batch_size, threads=settings.workers)
+
+
+def make_sink(settings: Settings, embedder: Embedder) -> QdrantSink:
+    return QdrantSink.connect(
+        url=settings.qdrant_url,
+        path=settings.qdrant_path,
+        api_key=settings.qdrant_api_key,
+        suffix=embedder.name,
+        dimensions=embedder.dimensions,
+        attempts=settings.upsert_attempts,
+    )
+
+
+def make_store(settings: Settings) -> StateStore:
+    if settings.state_configmap:
+        from importer.state.configmap import ConfigMapStateStore
+
+        assert settings.namespace is not None  # validated
+        return ConfigMapStateStore.from_environment(
+            settings.state_configmap,
+            settings.namespace,
+            run_name=settings.run_name,
+            shard_index=settings.shard_index,
+        )
+    if settings.state_file is None:
+        raise ValueError("give --state-file or --state-configmap: without state every run starts over")
+    return FileStateStore(settings.state_file, source_root=settings.source)
+
+
+def run_options(settings: Settings, embedder: Embedder) -> RunOptions:
+    limit = memory_limit(settings.memory_limit)
+    return RunOptions(
+        chunk_messages=settings.chunk_messages,
+        max_chunk_chars=settings.max_chunk_chars or embedder.max_chars,
+        max_line_bytes=settings.max_line_bytes,
+        settle_seconds=settings.settle_seconds,
+        checkpoint_seconds=settings.checkpoint_seconds,
+        memory_budget=int(limit * settings.memory_fraction) if limit else None,
+        shard_index=settings.shard_index,
+        shard_count=settings.shard_count,
+    )
+
+
+async def run_import(settings: Settings) -> RunStats:
+    store = make_store(settings)
+    embedder = make_embedder(settings)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(embedder.aclose)
+        sink = make_sink(settings, embedder)
+        stack.callback(sink.close)
+        show_progress = settings.progress if settings.progress is not None else sys.stderr.isatty()
+        progress = stack.enter_context(tqdm(unit="file", disable=not show_progress, dynamic_ncols=True))
+        assert settings.source is not None  # validated
+        importer = Importer(
+            root=settings.source,
+            embedder=embedder,
+            sink=sink,
+            store=store,
+            options=run_options(settings, embedder),
+            progress=progress,
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            # Stop taking files; what is in flight is finished and saved.
+            loop.add_signal_handler(signum, importer.request_stop, "signal")
+        return await importer.run()
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class Hit:
+    score: float
+    project: str
+    timestamp: str
+    source: str
+    chunk_index: int
+    excerpt: str
+
+
+async def search(settings: Settings, query: str, *, limit: int = 5, project: str | None = None) -> list[Hit]:
+    """Top hits over every collection of this provider (or one project's)."""
+    embedder = make_embedder(settings)
+    try:
+        vector = await embedder.embed_query(query)
+    finally:
+        await embedder.aclose()
+    sink = make_sink(settings, embedder)
+    try:
+        return await asyncio.to_thread(_search_collections, sink, vector, limit, project)
+    finally:
+        sink.close()
+
+
+def _search_collections(sink: QdrantSink, vector: list[float], limit: int, project: str | None) -> list[Hit]:
+    names = [c.name for c in sink.client.get_collections().collections if c.name.endswith(f"_{sink.suffix}")]
+    if project is not None:
+        names = [sink.collection_for(project)] if sink.collection_for(project) in names else []
+    hits: list[Hit] = []
+    for name in names:
+        for point in sink.client.query_points(name, query=vector, limit=limit, with_payload=True).points:
+            payload = point.payload or {}
+            text = " ".join(str(payload.get("text", "")).split())
+            hits.append(
+                Hit(
+                    score=point.score,
+                    project=str(payload.get("project", "")),
+                    timestamp=str(payload.get("timestamp", "")),
+                    source=str(payload.get("source", "")),
+                    chunk_index=int(payload.get("chunk_index", 0)),
+                    excerpt=text[:200] + ("…" if len(text) > 200 else ""),
+                )
+            )
+    return sorted(hits, key=lambda h: h.score, reverse=True)[:limit]
