@@ -1,0 +1,127 @@
+"""A folder provisioner: gives each pending PersistentVolumeClaim a hostPath PersistentVolume.
+
+The scheduler will not place a Pod whose claim is unbound, and this cluster has no storage driver, so the
+test kubelet also plays the external provisioner of the default StorageClass ``local-folder``: the volume of
+claim ``<namespace>/<claim>`` is the folder ``<workdir>/pvc/<namespace>/<claim>`` (the same folder the
+kubelet mounts for it). Released volumes are deleted; their folders are kept (tests may look inside).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from kubernetes.client.exceptions import ApiException
+
+from localcluster.rest import JsonDict, Rest, is_status
+
+log = logging.getLogger(__name__)
+
+STORAGE_CLASS = "local-folder"
+PROVISIONER = "localcluster.reflection.dev/folder"
+MANAGED_LABEL = "localcluster.reflection.dev/provisioned"
+POLL_SECONDS = 1.0
+
+
+def ensure_storage_class(rest: Rest) -> None:
+    body = {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {
+            "name": STORAGE_CLASS,
+            "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+        },
+        "provisioner": PROVISIONER,
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "Immediate",
+    }
+    try:
+        rest.create("/apis/storage.k8s.io/v1/storageclasses", body)
+    except ApiException as error:
+        if not is_status(error, 409):
+            raise
+
+
+def _wants_volume(claim: JsonDict) -> bool:
+    spec = claim.get("spec", {})
+    return (
+        claim.get("status", {}).get("phase") == "Pending"
+        and not spec.get("volumeName")
+        and not spec.get("selector")
+        and spec.get("storageClassName") in (None, "", STORAGE_CLASS)
+        and "deletionTimestamp" not in claim["metadata"]
+    )
+
+
+def volume_for(claim: JsonDict, folder: Path) -> JsonDict:
+    meta, spec = claim["metadata"], claim["spec"]
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {
+            "name": f"pvc-{meta['uid']}",
+            "labels": {MANAGED_LABEL: "true"},
+            "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER},
+        },
+        "spec": {
+            "capacity": {"storage": spec.get("resources", {}).get("requests", {}).get("storage", "1Gi")},
+            "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Delete",
+            "storageClassName": spec.get("storageClassName") or "",
+            "volumeMode": spec.get("volumeMode", "Filesystem"),
+            "hostPath": {"path": str(folder), "type": "DirectoryOrCreate"},
+            "claimRef": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "uid": meta["uid"],
+            },
+        },
+    }
+
+
+class FolderProvisioner(threading.Thread):
+    def __init__(self, rest: Rest, pvc_root: Path, stop: threading.Event) -> None:
+        super().__init__(name="folder-provisioner", daemon=True)
+        self.rest = rest
+        self.pvc_root = pvc_root
+        self.stop = stop
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.sync_once()
+            except Exception as error:  # keep provisioning through API hiccups
+                log.warning("provisioner: %s", error)
+            self.stop.wait(POLL_SECONDS)
+
+    def sync_once(self) -> None:
+        for claim in self.rest.get("/api/v1/persistentvolumeclaims")["items"]:
+            if _wants_volume(claim):
+                self._provision(claim)
+        volumes = self.rest.get("/api/v1/persistentvolumes", {"labelSelector": f"{MANAGED_LABEL}=true"})[
+            "items"
+        ]
+        for volume in volumes:
+            if volume.get("status", {}).get("phase") == "Released":
+                self._delete(volume["metadata"]["name"])
+
+    def _provision(self, claim: JsonDict) -> None:
+        meta = claim["metadata"]
+        folder = self.pvc_root / meta["namespace"] / meta["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.rest.create("/api/v1/persistentvolumes", volume_for(claim, folder))
+            log.info("provisioned %s for claim %s/%s", folder, meta["namespace"], meta["name"])
+        except ApiException as error:
+            if not is_status(error, 409):
+                raise
+
+    def _delete(self, name: str) -> None:
+        try:
+            self.rest.delete(f"/api/v1/persistentvolumes/{name}")
+        except ApiException as error:
+            if not is_status(error, 404):
+                raise

@@ -1,0 +1,103 @@
+"""pytest fixtures for tests against the local control plane (registered by tests/conftest.py).
+
+* ``kube_cluster`` (session): builds the binaries (or finds them in the cache), starts etcd, the API server,
+  the controller-manager, the scheduler and the test kubelet once per session in a temporary workdir, and
+  stops them by PID at the end, also when the session is interrupted (Ctrl-C or SIGTERM: teardown runs;
+  the parent's death by SIGKILL: the components get SIGTERM from the kernel via PR_SET_PDEATHSIG).
+* ``kube_api`` (session): a ``kubernetes.client.ApiClient`` for the admin kubeconfig.
+* ``namespace`` (function): a fresh namespace whose default ServiceAccount can already run Pods; deleted
+  after the test.
+
+Tests using any of them are marked ``cluster`` automatically.
+"""
+
+from __future__ import annotations
+
+import atexit
+import re
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from types import FrameType
+
+import pytest
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from localcluster.cluster import LocalCluster
+
+CLUSTER_FIXTURES = {"kube_cluster", "kube_api", "namespace"}
+NAMESPACE_READY_SECONDS = 30
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
+
+def _interrupt_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("localcluster"), die_with_parent=True)
+    # SIGTERM would end pytest without teardown; as KeyboardInterrupt, pytest unwinds and runs it.
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    atexit.register(cluster.stop)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        atexit.unregister(cluster.stop)
+        if previous in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="session")
+def kube_api(kube_cluster: LocalCluster) -> Iterator[client.ApiClient]:
+    api = config.new_client_from_config(config_file=str(kube_cluster.kubeconfig))
+    yield api
+    api.close()
+
+
+def _namespace_name(test_name: str) -> str:
+    base = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:40].strip("-") or "test"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+def _default_account_has_token(core: client.CoreV1Api, name: str) -> bool:
+    try:
+        account = core.read_namespaced_service_account("default", name)
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return bool(account.secrets)
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest, kube_api: client.ApiClient) -> Iterator[str]:
+    core = client.CoreV1Api(kube_api)
+    name = _namespace_name(request.node.name)
+    body = client.V1Namespace(
+        metadata=client.V1ObjectMeta(name=name, labels={"localcluster.reflection.dev/test": "true"})
+    )
+    core.create_namespace(body)
+    # Pods are refused until the ServiceAccount controllers have made the default account and its token.
+    deadline = time.monotonic() + NAMESPACE_READY_SECONDS
+    while not _default_account_has_token(core, name):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"namespace {name}: no default ServiceAccount token")
+        time.sleep(0.1)
+    yield name
+    try:
+        core.delete_namespace(name)
+    except ApiException as error:
+        if error.status != 404:
+            raise
