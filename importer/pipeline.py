@@ -99,6 +99,8 @@ class FileDone:
     new_messages: int
     bytes_read: int
     skipped: Counter[str]
+    #: False when the file was only recorded (taken over from the older importer), not read.
+    read: bool = True
 
 
 Item = ChunkItem | DeleteFile | FileDone
@@ -273,7 +275,7 @@ class Importer:
             status="done",
         )
         self.stats.unchanged += 1
-        return FileDone(rel, adopted, 0, 0, Counter())
+        return FileDone(rel, adopted, 0, 0, Counter(), read=False)
 
     def _read_new_part(
         self,
@@ -370,6 +372,8 @@ class Importer:
             first = await inbox.get()
             if first is None:
                 break
+            if self._stop.is_set():
+                continue  # stopping: what is not embedded yet is dropped; its files resume next run
             items.append(first)
             chunks = int(isinstance(first, ChunkItem))
             while chunks < window and not inbox.empty():
@@ -429,7 +433,7 @@ class Importer:
         """Every chunk of the file is in Qdrant: its new state may be saved."""
         self.state[done.source] = done.state
         self._dirty[done.source] = done.state
-        self.stats.files += 1
+        self.stats.files += done.read
         self.stats.messages += done.new_messages
         self.stats.bytes += done.bytes_read
         self.stats.skipped.update(done.skipped)

@@ -20,7 +20,8 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 from tenacity import Retrying as _Retrying
 
@@ -131,7 +132,7 @@ class QdrantSink:
     def _retry(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         retrying = _Retrying(
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential_jitter(initial=0.5, max=10),
+            wait=wait_exponential(multiplier=0.5, max=10) + wait_random(0, 0.5),
             retry=retry_if_exception(_is_transient),
             before_sleep=_log_retry,
             reraise=False,

@@ -1,0 +1,259 @@
+"""The whole importer against the real model and an embedded Qdrant, on generated and real trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qdrant_client import QdrantClient, models
+
+from importer.pipeline import RunStats, discover
+from importer.runner import run_import, search
+from importer.settings import Settings
+from importer.state.base import FileState
+
+Corpus = Callable[..., tuple[Path, dict[str, Any]]]
+FAULT_REASONS = {
+    "bad_json": "bad_json",
+    "non_utf8": "non_utf8",
+    "bom": "bom",
+    "blank_lines": "blank_lines",
+    "empty_file": "empty_file",
+    "huge_line": "too_long",
+}
+
+
+def _settings(source: Path, tmp: Path, **extra: Any) -> Settings:
+    values: dict[str, Any] = {
+        "source": source,
+        "qdrant_path": tmp / "qdrant",
+        "state_file": tmp / "state.json",
+        "checkpoint_seconds": 0.5,
+    }
+    values.update(extra)
+    return Settings(**values)
+
+
+async def _run(settings: Settings) -> RunStats:
+    settings.validate()
+    return await run_import(settings)
+
+
+def _state(settings: Settings) -> dict[str, FileState]:
+    assert settings.state_file is not None
+    files = json.loads(settings.state_file.read_text())["files"]
+    return {k: FileState.from_json(v) for k, v in files.items()}
+
+
+def _points(settings: Settings, source: str | None = None) -> int:
+    client = QdrantClient(path=str(settings.qdrant_path))
+    try:
+        condition = None
+        if source is not None:
+            match = models.FieldCondition(key="source", match=models.MatchValue(value=source))
+            condition = models.Filter(must=[match])
+        return sum(
+            client.count(c.name, count_filter=condition, exact=True).count
+            for c in client.get_collections().collections
+        )
+    finally:
+        client.close()
+
+
+def _append(path: Path, *texts: str) -> None:
+    with path.open("ab") as fh:
+        for i, text in enumerate(texts):
+            role = "user" if i % 2 == 0 else "assistant"
+            record = {
+                "type": role,
+                "message": {"role": role, "content": [{"type": "text", "text": text}]},
+                "timestamp": f"2026-12-01T10:00:{i:02d}Z",
+                "cwd": "/home/dev/projects/appended",
+            }
+            fh.write(json.dumps(record).encode() + b"\n")
+    stat = path.stat()
+    os.utime(path, (stat.st_atime, stat.st_mtime + 10))
+
+
+async def test_a_damaged_tree_imports_every_good_record_and_counts_the_damage(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+) -> None:
+    root, manifest = make_corpus(files=100, profile="small", seed=4, faults=True)
+    settings = _settings(root, tmp_path, max_line_bytes=1 << 20)
+    stats = await _run(settings)
+
+    state = _state(settings)
+    assert stats.files == manifest["files"] == len(state)
+    assert stats.chunks == _points(settings) == sum(s.chunks for s in state.values())
+    assert stats.messages == sum(s.messages for s in state.values())
+    for entry in manifest["entries"]:
+        got = state[entry["path"]]
+        if "truncated_tail" in entry["faults"]:
+            # the cut last record waits for its writer: everything before it is imported
+            assert got.status == "partial"
+            assert entry["text_messages"] - 1 <= got.messages <= entry["text_messages"], entry["path"]
+        else:
+            assert got.status == "done"
+            assert got.messages == entry["text_messages"], entry["path"]
+        for fault in entry["faults"]:
+            if fault in FAULT_REASONS:
+                assert got.skipped.get(FAULT_REASONS[fault], 0) >= 1, (entry["path"], fault)
+    unexpected = {r for s in state.values() for r in s.skipped} - set(FAULT_REASONS.values())
+    assert not unexpected
+
+
+async def test_a_second_run_adds_nothing_and_an_append_imports_only_the_new_records(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+) -> None:
+    root, manifest = make_corpus(files=12, profile="small", seed=11)
+    settings = _settings(root, tmp_path)
+    first = await _run(settings)
+    assert first.messages == manifest["text_messages"]
+    points = _points(settings)
+
+    again = await _run(settings)
+    assert (again.files, again.messages, again.chunks, again.unchanged) == (0, 0, 0, len(manifest["entries"]))
+    assert _points(settings) == points
+
+    grown = manifest["entries"][0]["path"]
+    before = _state(settings)[grown]
+    _append(root / grown, "how do we rotate the signing keys?", "with a second key, then retire the first")
+    appended = await _run(settings)
+    after = _state(settings)[grown]
+    assert (appended.files, appended.messages) == (1, 2)
+    assert after.messages == before.messages + 2
+    assert after.consumed == (root / grown).stat().st_size
+    assert _points(settings) == points - before.chunks + after.chunks
+    # the short tail chunk was re-emitted complete with the same index: no point was duplicated
+    assert _points(settings, grown) == after.chunks
+
+
+async def test_a_rewritten_file_is_imported_whole_and_its_old_points_go(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+) -> None:
+    root, manifest = make_corpus(files=6, profile="small", seed=12)
+    settings = _settings(root, tmp_path)
+    await _run(settings)
+    entries = manifest["entries"]
+    target, donor = entries[0]["path"], entries[1]["path"]
+    shutil.copyfile(root / donor, root / target)  # a different, shorter or longer, file in its place
+    os.utime(root / target, None)
+    stats = await _run(settings)
+    assert stats.files == 1
+    assert _state(settings)[target].messages == entries[1]["text_messages"]
+    assert _points(settings, target) == _state(settings)[target].chunks
+
+
+async def test_a_related_query_finds_its_conversation_first(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+) -> None:
+    root, _ = make_corpus(files=10, profile="small", seed=13)
+    session = root / "-home-dev-baking" / "5f1f3c1e-1111-4222-8333-944444444444.jsonl"
+    session.parent.mkdir()
+    session.touch()
+    _append(
+        session,
+        "My sourdough starter smells like acetone and the loaves come out flat. What am I doing wrong?",
+        "Feed the starter more often with equal weights of flour and water; a hungry starter makes dense bread.",
+    )
+    settings = _settings(root, tmp_path)
+    await _run(settings)
+    hits = await search(settings, "why is my bread dough not rising", limit=3)
+    assert hits[0].source == session.relative_to(root).as_posix()
+    assert hits[0].project == "appended"  # from the records' cwd, not the folder name
+    assert hits[0].score > hits[1].score
+
+
+async def test_real_sessions_import(real_sessions: Path, model_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "projects" / "-test"
+    root.mkdir(parents=True)
+    for path in real_sessions.glob("*.jsonl"):
+        shutil.copy(path, root / path.name)
+    settings = _settings(tmp_path / "projects", tmp_path)
+    stats = await _run(settings)
+    assert stats.files == 3 and not stats.skipped
+    assert stats.messages == sum(s.messages for s in _state(settings).values()) >= 3
+    client = QdrantClient(path=str(settings.qdrant_path))
+    try:
+        (collection,) = client.get_collections().collections
+        payloads = [p.payload for p in client.scroll(collection.name, limit=100)[0]]
+    finally:
+        client.close()
+    required = {
+        "text",
+        "conversation_id",
+        "chunk_index",
+        "timestamp",
+        "project",
+        "start_role",
+        "message_count",
+    }
+    extra = {"source", "git_branch", "is_sidechain", "tools_used", "files"}
+    assert all(required | extra <= set(p or {}) for p in payloads)
+    assert {p["project"] for p in payloads if p} == {"test"}
+    sidechain = [p for p in payloads if p and p["source"].endswith("agent-session.jsonl")]
+    assert sidechain and all(p["is_sidechain"] for p in sidechain)
+
+
+async def test_shards_split_the_files_between_them(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+) -> None:
+    root, manifest = make_corpus(files=10, profile="small", seed=14)
+    shards = [discover(root, i, 3) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(e["path"] for e in manifest["entries"])
+    assert all(shards)
+    total = 0
+    for index in range(3):
+        stats = await _run(_settings(root, tmp_path / f"s{index}", shard_index=index, shard_count=3))
+        assert stats.files == len(shards[index])
+        total += stats.messages
+    assert total == manifest["text_messages"]
+
+
+async def test_the_older_importers_state_file_is_migrated_without_re_embedding(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+) -> None:
+    root, manifest = make_corpus(files=8, profile="small", seed=15)
+    paths = [e["path"] for e in manifest["entries"]]
+    mtime = {p: (root / p).stat().st_mtime for p in paths}
+    legacy: dict[str, Any] = {
+        str(root / paths[0]): "2099-01-01T00:00:00",  # only an import time, after the file's mtime
+        str(root / paths[1]): {"last_modified": mtime[paths[1]], "last_imported": 1, "chunks_imported": 4},
+        f"/old/mount/{paths[2]}": {
+            "imported_at": "2099-01-01T00:00:00",
+            "last_modified": mtime[paths[2]],
+            "chunks": 2,
+        },
+        str(root / paths[3]): {
+            "last_modified": mtime[paths[3]] - 3600,
+            "chunks_imported": 1,
+        },  # changed since
+    }
+    settings = _settings(root, tmp_path)
+    assert settings.state_file is not None
+    settings.state_file.write_text(json.dumps(legacy))
+    stats = await _run(settings)
+    assert stats.unchanged == 3
+    assert stats.files == len(paths) - 3
+    state = _state(settings)
+    assert state[paths[1]].chunks == 4 and state[paths[1]].status == "done"
+    assert settings.state_file.with_name("state.json.legacy-backup").exists()
+    assert (await _run(settings)).files == 0
+
+
+async def test_memory_budget_stops_with_state_saved_and_a_rerun_finishes(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+) -> None:
+    root, manifest = make_corpus(files=40, profile="small", seed=16)
+    settings = _settings(root, tmp_path, memory_limit=100 << 20, memory_fraction=0.5)
+    stopped = await _run(settings)
+    assert stopped.stopped == "memory"
+    saved = _state(settings)
+    assert 1 <= len(saved) < len(manifest["entries"])
+    finished = await _run(_settings(root, tmp_path))
+    assert finished.unchanged == len(saved)
+    assert sum(s.messages for s in _state(settings).values()) == manifest["text_messages"]
