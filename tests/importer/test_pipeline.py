@@ -57,8 +57,7 @@ def _points(settings: Settings, source: str | None = None) -> int:
             match = models.FieldCondition(key="source", match=models.MatchValue(value=source))
             condition = models.Filter(must=[match])
         return sum(
-            client.count(c.name, count_filter=condition, exact=True).count
-            for c in client.get_collections().collections
+            client.count(c.name, count_filter=condition, exact=True).count for c in client.get_collections().collections
         )
     finally:
         client.close()
@@ -199,12 +198,10 @@ async def test_real_sessions_import(real_sessions: Path, model_dir: Path, tmp_pa
     assert sidechain and all(p["is_sidechain"] for p in sidechain)
 
 
-async def test_shards_split_the_files_between_them(
-    make_corpus: Corpus, model_dir: Path, tmp_path: Path
-) -> None:
+async def test_shards_split_the_files_between_them(make_corpus: Corpus, model_dir: Path, tmp_path: Path) -> None:
     root, manifest = make_corpus(files=10, profile="small", seed=14)
     shards = [discover(root, i, 3) for i in range(3)]
-    assert sorted(sum(shards, [])) == sorted(e["path"] for e in manifest["entries"])
+    assert sorted(p for shard in shards for p in shard) == sorted(e["path"] for e in manifest["entries"])
     assert all(shards)
     total = 0
     for index in range(3):
