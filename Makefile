@@ -1,6 +1,5 @@
 # Everyday commands. `make help` lists them.
 PY ?= .venv/bin/python
-SAMPLE ?= sample-run
 
 .PHONY: help setup model sample test lint format typecheck check bench cluster cluster-down ci
 
@@ -13,11 +12,11 @@ setup:  ## create .venv, install the project with its dev tools, prepare the emb
 model:  ## prepare the embedding model in the cache (no network needed)
 	$(PY) -m importer model prepare
 
-sample:  ## import a generated sample tree into an embedded Qdrant and search it
-	bash scripts/sample.sh $(SAMPLE)
+sample:  ## import the bundled sample conversations into an embedded Qdrant and search them
+	bash scripts/quickstart.sh
 
-test:  ## run the whole test suite (starts the local control plane)
-	$(PY) -m pytest
+test:  ## run the whole test suite (builds and starts the local control plane)
+	bash scripts/test.sh
 
 lint:  ## ruff lint and format check
 	$(PY) -m ruff check .

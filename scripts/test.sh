@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the whole test suite: sets up the project, builds the local Kubernetes control plane once
+# (about 10 minutes the first time, cached in ~/.cache/reflection-operator), then runs pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m localcluster build >/dev/null
+exec .venv/bin/python -m pytest "$@"
