@@ -1,0 +1,207 @@
+"""Following one ImportRun: gather what ``reconcile.decide`` needs, carry out its plan, wait for news.
+
+One loop per ImportRun (a kopf daemon) runs ``follow``; watch events of the ImportRun's Jobs, Pods and state
+ConfigMap wake it through ``Context.wake``, and it sleeps until the next scheduled time otherwise. One loop
+per object means its decisions never race each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from .jobs import Owner, build_job, state_configmap
+from .kube import Kube, KubeError, claim_path, configmaps_path, importrun_status_path, jobs_path, secret_path
+from .metrics import Metrics
+from .observed import JobInfo, PodInfo, ShardSummary, parse_time
+from .progress import total
+from .reconcile import EventNote, Observed, Plan, decide
+from .settings import Settings
+from .spec import ImportRunSpec, Problem, parse_spec
+from .status import RunRecord
+
+#: After a wake-up, wait this long for the rest of a burst of events (Job, Pod and summary change together).
+COALESCE_SECONDS = 0.2
+#: While a Secret or claim is missing, look again this often (their creation sends the operator no event).
+DEPENDENCY_RECHECK_SECONDS = 10.0
+DEPENDENCY_REASONS = ("MissingSecret", "MissingVolumeClaim")
+MAX_ERROR_BACKOFF = 60.0
+
+Key = tuple[str, str]
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+#: Posts a Kubernetes Event about the ImportRun (kopf.event in the operator).
+EventPoster = Callable[[EventNote], None]
+
+
+@dataclass
+class Context:
+    """What every ImportRun's loop shares: settings, the API client, metrics, the wake-up registry."""
+
+    settings: Settings
+    kube: Kube
+    metrics: Metrics
+    wakers: dict[Key, asyncio.Event] = field(default_factory=dict)
+
+    def wake(self, namespace: str, name: str) -> None:
+        waker = self.wakers.get((namespace, name))
+        if waker is not None:
+            waker.set()
+
+
+@dataclass
+class Views:
+    """Live views (kopf indexes) of Jobs, Pods and state summaries, keyed by (namespace, ImportRun)."""
+
+    jobs: Mapping[Key, Iterable[JobInfo]]
+    pods: Mapping[Key, Iterable[PodInfo]]
+    summaries: Mapping[Key, Iterable[dict[int, ShardSummary]]]
+
+    def of(self, key: Key) -> tuple[list[JobInfo], list[PodInfo], dict[int, ShardSummary]]:
+        summaries = list(self.summaries.get(key, []))
+        return list(self.jobs.get(key, [])), list(self.pods.get(key, [])), (summaries[0] if summaries else {})
+
+
+class Follower:
+    """The state of one ImportRun's loop between reconciliations."""
+
+    def __init__(self, ctx: Context, body: Mapping[str, Any], views: Views, post: EventPoster) -> None:
+        self.ctx = ctx
+        self.body = body  # kopf's live view: always the latest ImportRun seen
+        self.views = views
+        self.post = post
+        meta = body["metadata"]
+        self.owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+        # The status this loop wrote last: the only writer of the status, it need not wait for the echo.
+        self.status: dict[str, Any] = dict(body.get("status") or {})
+
+    async def reconcile(self, logger: Logger) -> float | None:
+        """One look at the ImportRun; returns seconds until it wants to look again (None: only on news)."""
+        observed = self.observe(datetime.now(UTC))
+        plan = decide(observed)
+        if observed.spec is not None and not observed.problems and self.dependencies_due(plan):
+            missing = await find_missing(self.ctx.kube, self.owner.namespace, observed.spec)
+            if missing:
+                plan = decide(replace(observed, problems=missing))
+                plan.wake_within(DEPENDENCY_RECHECK_SECONDS)
+        await self.carry_out(plan, observed, logger)
+        return plan.requeue_after
+
+    def observe(self, now: datetime) -> Observed:
+        meta = self.body["metadata"]
+        raw_spec = dict(self.body.get("spec") or {})
+        spec, problems = parse_spec(raw_spec, self.ctx.settings)
+        problems = name_problems(self.owner.name) + problems
+        jobs, pods, summary = self.views.of((self.owner.namespace, self.owner.name))
+        return Observed(
+            now=now,
+            owner=self.owner,
+            generation=int(meta.get("generation") or 0),
+            created=parse_time(meta.get("creationTimestamp")) or now,
+            raw_spec=raw_spec,
+            spec=spec,
+            problems=problems,
+            status=self.status,
+            jobs=jobs,
+            pods=pods,
+            summary=summary,
+            settings=self.ctx.settings,
+        )
+
+    def dependencies_due(self, plan: Plan) -> bool:
+        """Secrets and claims are read before Jobs are made, and again while one was found missing."""
+        conditions: list[dict[str, Any]] = self.status.get("conditions") or []
+        ready = next((c for c in conditions if c.get("type") == "Ready"), {})
+        return plan.starts_jobs or ready.get("reason") in DEPENDENCY_REASONS
+
+    async def carry_out(self, plan: Plan, observed: Observed, logger: Logger) -> None:
+        kube, namespace = self.ctx.kube, self.owner.namespace
+        if plan.reset_summary:
+            await reset_state_summary(kube, self.owner)
+        for item in plan.create:
+            manifest = build_job(item.spec, item.raw_spec, item.request, self.ctx.settings)
+            try:
+                await kube.create(jobs_path(namespace), manifest)
+                logger.info("created Job %s", item.request.name)
+            except KubeError as error:
+                if not error.already_exists:
+                    raise
+                logger.info("Job %s exists already: adopting it", item.request.name)
+        # The status goes before deletions: a run whose outcome is not recorded keeps its Jobs.
+        if plan.status != self.status:
+            patched = await kube.merge_patch(importrun_status_path(namespace, self.owner.name), {"status": plan.status})
+            self.status = dict(patched.get("status") or {})
+        for name in plan.delete:
+            if await kube.delete(jobs_path(namespace, name)):
+                logger.info("deleted Job %s", name)
+        for note in plan.events:
+            self.post(note)
+        for counter in plan.counters:
+            self.ctx.metrics.count(counter, namespace)
+        run = RunRecord.from_status(self.status.get("run"))
+        if run is not None:
+            self.ctx.metrics.record_progress(namespace, self.owner.name, total(observed.summary, run.shards))
+
+
+def name_problems(name: str) -> list[Problem]:
+    if len(name) > 63:
+        message = f"{len(name)} characters; at most 63 fit the labels that tie Jobs and state to it"
+        return [Problem("metadata.name", "InvalidName", message)]
+    return []
+
+
+async def find_missing(kube: Kube, namespace: str, spec: ImportRunSpec) -> list[Problem]:
+    """Secrets (with their keys) and claims the spec names that do not exist."""
+    problems = []
+    for field_name, ref in spec.secret_refs():
+        secret = await kube.get(secret_path(namespace, ref.name))
+        if secret is None:
+            problems.append(Problem(field_name, "MissingSecret", f"Secret {ref.name!r} does not exist"))
+        elif ref.key not in (secret.get("data") or {}):
+            problems.append(Problem(field_name, "MissingSecret", f"Secret {ref.name!r} has no key {ref.key!r}"))
+    for field_name, claim in spec.claim_refs():
+        if await kube.get(claim_path(namespace, claim)) is None:
+            message = f"PersistentVolumeClaim {claim!r} does not exist"
+            problems.append(Problem(field_name, "MissingVolumeClaim", message))
+    return problems
+
+
+async def reset_state_summary(kube: Kube, owner: Owner) -> None:
+    """Makes the first state ConfigMap (owned by the ImportRun), or empties the summary the last run left."""
+    manifest = state_configmap(owner)
+    try:
+        await kube.create(configmaps_path(owner.namespace), manifest)
+    except KubeError as error:
+        if not error.already_exists:
+            raise
+        name = manifest["metadata"]["name"]
+        await kube.merge_patch(configmaps_path(owner.namespace, name), {"data": {"summary": "{}"}})
+
+
+async def follow(follower: Follower, waker: asyncio.Event, stopped: Callable[[], bool], logger: Logger) -> None:
+    """Reconciles until stopped: on news (a wake-up), at the time the plan asked for, or at the resync."""
+    failures = 0
+    resync = follower.ctx.settings.resync_seconds
+    while not stopped():
+        try:
+            delay = await follower.reconcile(logger)
+            failures = 0
+        except Exception as error:  # the loop must outlive API hiccups; the next pass retries
+            failures += 1
+            follower.ctx.metrics.reconcile_errors.labels(follower.owner.namespace).inc()
+            delay = min(MAX_ERROR_BACKOFF, 2.0**failures)
+            logger.warning("reconcile failed (%s); retrying in %.0fs", error, delay, exc_info=True)
+        await sleep_until_woken(waker, resync if delay is None else min(delay, resync))
+
+
+async def sleep_until_woken(waker: asyncio.Event, seconds: float) -> None:
+    try:
+        # Never a zero timeout: a plan asking for "now" again and again must not spin the loop.
+        await asyncio.wait_for(waker.wait(), timeout=max(0.05, seconds))
+    except TimeoutError:
+        return
+    await asyncio.sleep(COALESCE_SECONDS)
+    waker.clear()
