@@ -99,9 +99,7 @@ def ensure_packages(packages: tuple[str, ...]) -> None:
 
 
 def _dpkg_installed(package: str) -> bool:
-    result = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False
-    )
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False)
     return result.returncode == 0 and "install ok installed" in result.stdout
 
 
@@ -111,9 +109,7 @@ def _ensure_deb_src() -> bool:
         return False
     if DEBIAN_SOURCES.exists():
         stanzas = DEBIAN_SOURCES.read_text().split("\n\n")
-        text = "\n\n".join(
-            s.replace("Types: deb\n", "Types: deb-src\n", 1) for s in stanzas if "Types: deb" in s
-        )
+        text = "\n\n".join(s.replace("Types: deb\n", "Types: deb-src\n", 1) for s in stanzas if "Types: deb" in s)
     else:
         text = (
             "Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n"
@@ -158,9 +154,7 @@ def _unpack(tarball: Path, workdir: Path) -> Path:
 
 def _patch_reflect2(tree: Path) -> None:
     target = tree / "vendor" / "github.com" / "modern-go" / "reflect2"
-    sources = [
-        p for p in DEBIAN_REFLECT2.iterdir() if p.suffix in (".go", ".s") and not p.stem.endswith("_test")
-    ]
+    sources = [p for p in DEBIAN_REFLECT2.iterdir() if p.suffix in (".go", ".s") and not p.stem.endswith("_test")]
     if not sources:
         raise RuntimeError(f"no reflect2 sources in {DEBIAN_REFLECT2}")
     for old in target.iterdir():

@@ -39,7 +39,6 @@ NODE_NAME = "localcluster-node"
 FEATURE_GATES = "TTLAfterFinished=true"
 SERVICE_CIDR = "10.0.0.0/24"
 STOP_GRACE_SECONDS = 15.0
-COMPONENT_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet")
 PORT_NAMES = ("etcd_client", "etcd_peer", "apiserver", "controller_manager", "scheduler")
 _PR_SET_PDEATHSIG = 1
 
@@ -127,9 +126,7 @@ class LocalCluster:
     ) -> subprocess.CompletedProcess[str]:
         """Run this cluster's kubectl as admin; output captured as text."""
         command = [str(self.kubectl), "--kubeconfig", str(self.kubeconfig), *args]
-        return subprocess.run(
-            command, input=input, capture_output=True, text=True, check=check, timeout=timeout
-        )
+        return subprocess.run(command, input=input, capture_output=True, text=True, check=check, timeout=timeout)
 
     @property
     def helm(self) -> Path:
@@ -179,14 +176,10 @@ class LocalCluster:
             raise
 
     def stop(self) -> None:
-        """Stop the recorded processes (the kubelet first: it stops the Pods' processes), sweep leftovers."""
+        """Stop the kubelet and the Pods' processes first (while the API server is up), then the rest."""
         records = self._records()
-        by_name = {r.name: r for r in records}
-        for name in reversed(COMPONENT_ORDER):
-            if name in by_name:
-                _stop_process(by_name[name])
-        for record in self._pod_records():
-            _stop_process(record)
+        _stop_processes([r for r in records if r.name == "kubelet"] + self._pod_records())
+        _stop_processes([r for r in records if r.name != "kubelet"])
         if self.state_file.exists():
             state = self._state()
             state["processes"] = []
@@ -324,9 +317,7 @@ class LocalCluster:
     def _apiserver_ready(self) -> bool:
         try:
             token = pki.Pki(self.workdir / "pki").tokens()["admin"]
-            return (
-                _http_get(f"{self.server}/readyz", token=token, ca=self.workdir / "pki" / "ca.crt") == b"ok"
-            )
+            return _http_get(f"{self.server}/readyz", token=token, ca=self.workdir / "pki" / "ca.crt") == b"ok"
         except (OSError, KeyError, ValueError):
             return False
 
@@ -410,14 +401,14 @@ class LocalCluster:
         return records
 
 
-def _stop_process(record: ProcessRecord) -> None:
-    """SIGTERM the process (and its process group), SIGKILL what is left after the grace period."""
-    process = record.alive()
-    if process is None:
-        return
-    group = [process]
-    with contextlib.suppress(psutil.Error):
-        group += process.children(recursive=True)
+def _stop_processes(records: list[ProcessRecord]) -> None:
+    """SIGTERM the processes and their descendants together; SIGKILL what is left after the grace period."""
+    group: list[psutil.Process] = []
+    stopping = [(record, process) for record in records if (process := record.alive()) is not None]
+    for _, process in stopping:
+        group.append(process)
+        with contextlib.suppress(psutil.Error):
+            group += process.children(recursive=True)
     for member in group:
         with contextlib.suppress(psutil.Error):
             member.terminate()
@@ -426,7 +417,8 @@ def _stop_process(record: ProcessRecord) -> None:
         with contextlib.suppress(psutil.Error):
             member.kill()
     psutil.wait_procs(alive, timeout=5)
-    log.info("stopped %s (pid %d)", record.name, record.pid)
+    for record, _ in stopping:
+        log.info("stopped %s (pid %d)", record.name, record.pid)
 
 
 def _http_get(url: str, token: str | None = None, ca: Path | None = None, insecure: bool = False) -> bytes:

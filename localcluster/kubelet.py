@@ -165,9 +165,7 @@ class Kubelet:
             if not is_status(error, 404):
                 raise
             lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": self.node}}
-            self.rest.create(
-                "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", {**lease, "spec": spec}
-            )
+            self.rest.create("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", {**lease, "spec": spec})
 
     # -- the Pods bound to this Node -------------------------------------------------------------------------
 
@@ -232,9 +230,7 @@ class Kubelet:
             return False
         meta = pod["metadata"]
         status = {"phase": "Failed", "reason": "KubeletRestarted", "message": "the test kubelet restarted"}
-        self.rest.patch(
-            f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", {"status": status}
-        )
+        self.rest.patch(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", {"status": status})
         return True
 
     def _forget(self, uid: str) -> None:
@@ -255,9 +251,7 @@ class Kubelet:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m localcluster.kubelet", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m localcluster.kubelet", description=__doc__.splitlines()[0])
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, required=True, help="the cluster's workdir")
     parser.add_argument("--node-name", default="localcluster-node")

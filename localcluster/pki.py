@@ -160,9 +160,7 @@ def kubeconfig(server: str, ca_cert: Path, token: str, user: str) -> str:
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [
-            {"name": "localcluster", "cluster": {"server": server, "certificate-authority-data": ca_data}}
-        ],
+        "clusters": [{"name": "localcluster", "cluster": {"server": server, "certificate-authority-data": ca_data}}],
         "users": [{"name": user, "user": {"token": token}}],
         "contexts": [{"name": "localcluster", "context": {"cluster": "localcluster", "user": user}}],
         "current-context": "localcluster",

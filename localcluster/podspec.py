@@ -132,17 +132,13 @@ def _key_ref(lookup: Lookup, kind: str, namespace: str, ref: JsonDict) -> str | 
     return data[ref["key"]].decode(errors="replace")
 
 
-def container_env(
-    pod: JsonDict, container: JsonDict, lookup: Lookup, allocatable: Mapping[str, str]
-) -> dict[str, str]:
+def container_env(pod: JsonDict, container: JsonDict, lookup: Lookup, allocatable: Mapping[str, str]) -> dict[str, str]:
     """The container's environment as a kubelet computes it: envFrom, then env, with $(VAR) expansion."""
     namespace = pod["metadata"]["namespace"]
     env: dict[str, str] = {}
     for source in container.get("envFrom") or []:
         kind, ref = (
-            ("ConfigMap", source["configMapRef"])
-            if "configMapRef" in source
-            else ("Secret", source["secretRef"])
+            ("ConfigMap", source["configMapRef"]) if "configMapRef" in source else ("Secret", source["secretRef"])
         )
         obj = lookup(kind, namespace, ref["name"])
         if obj is None:

@@ -123,21 +123,19 @@ class PodWorker(threading.Thread):
 
     def __init__(self, ctx: KubeletContext, pod: JsonDict) -> None:
         meta = pod["metadata"]
-        super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
+        super().__init__(name=f"{meta['namespace']}/{meta['name']}", daemon=True)
         self.ctx = ctx
         self.pod = pod
         self.uid: str = meta["uid"]
         self.pod_dir = ctx.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{self.uid}"
         spec = pod["spec"]
         self.restart_policy: str = spec.get("restartPolicy", "Always")
-        self.init_states = [
-            ContainerState(c["name"], c.get("image", "")) for c in spec.get("initContainers") or []
-        ]
+        self.init_states = [ContainerState(c["name"], c.get("image", "")) for c in spec.get("initContainers") or []]
         self.states = [ContainerState(c["name"], c.get("image", "")) for c in spec["containers"]]
         self.phase = "Pending"
         self.initialized = not self.init_states
         self.start_time = now_rfc3339()
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()
         self._grace_seconds = float(spec.get("terminationGracePeriodSeconds", 30))
         self._report_status = True
         self._status_lock = threading.Lock()
@@ -157,14 +155,14 @@ class PodWorker(threading.Thread):
             self._delete_when_done = True
             if grace_seconds is not None:
                 self._grace_seconds = grace_seconds
-            self._stop.set()
+            self._stop_event.set()
             return True
 
     def shut_down(self, grace_seconds: float) -> None:
         """The kubelet is exiting (or the Pod vanished): stop the processes, report nothing more."""
         self._report_status = False
         self._grace_seconds = min(self._grace_seconds, grace_seconds)
-        self._stop.set()
+        self._stop_event.set()
 
     # -- the thread ---------------------------------------------------------------------------------------
 
@@ -185,9 +183,7 @@ class PodWorker(threading.Thread):
     def _run_pod(self) -> None:
         self.pod_dir.mkdir(parents=True, exist_ok=True)
         self._publish()
-        self._with_config_retry(
-            self.init_states[0] if self.init_states else self.states[0], self._prepare_pod
-        )
+        self._with_config_retry(self.init_states[0] if self.init_states else self.states[0], self._prepare_pod)
         specs = self.pod["spec"]
         for container, state in zip(specs.get("initContainers") or [], self.init_states, strict=True):
             if not self._run_until_done(container, state, init=True):
@@ -195,16 +191,14 @@ class PodWorker(threading.Thread):
                 return
         self.initialized = True
         threads = [
-            threading.Thread(
-                target=self._run_guarded, args=(c, s), name=f"{self.name}/{c['name']}", daemon=True
-            )
+            threading.Thread(target=self._run_guarded, args=(c, s), name=f"{self.name}/{c['name']}", daemon=True)
             for c, s in zip(specs["containers"], self.states, strict=True)
         ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        if self._stop.is_set():
+        if self._stop_event.is_set():
             raise StopRequested
         self._finish("Succeeded" if all(s.exit_code == 0 for s in self.states) else "Failed")
 
@@ -225,20 +219,16 @@ class PodWorker(threading.Thread):
             pass
         except Exception:
             log.exception("container %s/%s failed inside the kubelet", self.name, container["name"])
-            state.state = {
-                "terminated": _terminated(1, "Error", "the test kubelet failed to run it", now_rfc3339())
-            }
+            state.state = {"terminated": _terminated(1, "Error", "the test kubelet failed to run it", now_rfc3339())}
             self._publish()
 
     def _run_until_done(self, container: JsonDict, state: ContainerState, init: bool) -> bool:
         """Run (and restart, per restartPolicy) one container; True once it has succeeded for good."""
         while True:
             exit_code = self._run_once(container, state)
-            if self._stop.is_set():
+            if self._stop_event.is_set():
                 raise StopRequested
-            restart = self.restart_policy == "Always" or (
-                self.restart_policy == "OnFailure" and exit_code != 0
-            )
+            restart = self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and exit_code != 0)
             if init and exit_code == 0:
                 return True
             if not restart:
@@ -252,7 +242,7 @@ class PodWorker(threading.Thread):
         if exit_code != 0:
             state.state = {"waiting": {"reason": "CrashLoopBackOff", "message": f"back-off {delay:.1f}s"}}
             self._publish()
-        if self._stop.wait(delay):
+        if self._stop_event.wait(delay):
             raise StopRequested
 
     # -- one run of one container ---------------------------------------------------------------------------
@@ -264,7 +254,7 @@ class PodWorker(threading.Thread):
         if lock is not None and not lock.acquire(blocking=False):
             self._set_waiting(state, "ContainerCreating", f"waiting for another pod using {exclusive}")
             while not lock.acquire(timeout=0.2):
-                if self._stop.is_set():
+                if self._stop_event.is_set():
                     raise StopRequested
         try:
             return self._supervise(container, state, launch)
@@ -300,9 +290,7 @@ class PodWorker(threading.Thread):
         else:
             reason = "Completed" if exit_code == 0 else "Error"
         message = self._termination_message(container, launch, log_file, log_start, failed=exit_code != 0)
-        state.state = {
-            "terminated": _terminated(exit_code, reason, message, now_rfc3339(), started, process.pid)
-        }
+        state.state = {"terminated": _terminated(exit_code, reason, message, now_rfc3339(), started, process.pid)}
         self._publish()
         log.info("pod %s container %s ended: %s (%d)", self.name, container["name"], reason, exit_code)
         return exit_code
@@ -310,16 +298,14 @@ class PodWorker(threading.Thread):
     def _watch(self, process: subprocess.Popen[bytes], limit: int | None) -> bool:
         """Wait for the process; kill its tree past the memory limit (True) or when asked to stop."""
         while not _has_exited(process.pid):
-            if self._stop.is_set():
+            if self._stop_event.is_set():
                 _terminate_tree(process, self._grace_seconds)
                 return False
             if limit is not None and _tree_rss(process.pid) > limit:
-                log.info(
-                    "pod %s: process %d is over its memory limit of %d bytes", self.name, process.pid, limit
-                )
+                log.info("pod %s: process %d is over its memory limit of %d bytes", self.name, process.pid, limit)
                 _kill_tree(process)
                 return True
-            self._stop.wait(MEMORY_POLL_SECONDS)
+            self._stop_event.wait(MEMORY_POLL_SECONDS)
         # The exited process is still a zombie, so its group id cannot have been reused yet: clear the group
         # of anything it left behind (daemonised children), then reap it.
         _signal_group(process.pid, signal.SIGKILL)
@@ -363,9 +349,7 @@ class PodWorker(threading.Thread):
             **pod_env,
         }
         env["PATH"] = f"{self.ctx.venv_bin}:{pod_env.get('PATH', SYSTEM_PATH)}"
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self.ctx.repo_root), pod_env.get("PYTHONPATH")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.ctx.repo_root), pod_env.get("PYTHONPATH")) if p)
         if self._kubeconfig is not None and "KUBECONFIG" not in pod_env:
             env["KUBECONFIG"] = str(self._kubeconfig)
         return env
@@ -379,7 +363,7 @@ class PodWorker(threading.Thread):
                 self._set_waiting(state, "CreateContainerConfigError", str(error))
             except ApiException as error:
                 self._set_waiting(state, "CreateContainerConfigError", f"API error {error.status}")
-            if self._stop.wait(CONFIG_RETRY_SECONDS):
+            if self._stop_event.wait(CONFIG_RETRY_SECONDS):
                 raise StopRequested
 
     def _set_waiting(self, state: ContainerState, reason: str, message: str) -> None:
@@ -441,13 +425,11 @@ class PodWorker(threading.Thread):
             body = {"status": self._status()}
             meta = self.pod["metadata"]
             try:
-                self.ctx.rest.patch(
-                    f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", body
-                )
+                self.ctx.rest.patch(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", body)
             except ApiException as error:
                 if error.status == 404:
                     self._report_status = False
-                    self._stop.set()
+                    self._stop_event.set()
                 else:
                     log.warning("pod %s: status update failed: %s %s", self.name, error.status, error.body)
 

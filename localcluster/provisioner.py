@@ -49,7 +49,7 @@ def _wants_volume(claim: JsonDict) -> bool:
         claim.get("status", {}).get("phase") == "Pending"
         and not spec.get("volumeName")
         and not spec.get("selector")
-        and spec.get("storageClassName") in (None, "", STORAGE_CLASS)
+        and spec.get("storageClassName") == STORAGE_CLASS  # a claim for "" (no class) waits for a static PV
         and "deletionTimestamp" not in claim["metadata"]
     )
 
@@ -83,30 +83,28 @@ def volume_for(claim: JsonDict, folder: Path) -> JsonDict:
 
 
 class FolderProvisioner(threading.Thread):
-    def __init__(self, rest: Rest, pvc_root: Path, stop: threading.Event) -> None:
+    def __init__(self, rest: Rest, pvc_root: Path, stopping: threading.Event) -> None:
         super().__init__(name="folder-provisioner", daemon=True)
         self.rest = rest
         self.pvc_root = pvc_root
-        self.stop = stop
+        self.stopping = stopping
 
     def run(self) -> None:
-        while not self.stop.is_set():
+        while not self.stopping.is_set():
             try:
                 self.sync_once()
             except Exception as error:  # keep provisioning through API hiccups
                 log.warning("provisioner: %s", error)
-            self.stop.wait(POLL_SECONDS)
+            self.stopping.wait(POLL_SECONDS)
 
     def sync_once(self) -> None:
         for claim in self.rest.get("/api/v1/persistentvolumeclaims")["items"]:
             if _wants_volume(claim):
                 self._provision(claim)
-        volumes = self.rest.get("/api/v1/persistentvolumes", {"labelSelector": f"{MANAGED_LABEL}=true"})[
-            "items"
-        ]
+        volumes = self.rest.get("/api/v1/persistentvolumes", {"labelSelector": f"{MANAGED_LABEL}=true"})["items"]
         for volume in volumes:
             if volume.get("status", {}).get("phase") == "Released":
-                self._delete(volume["metadata"]["name"])
+                self._delete_volume(volume["metadata"]["name"])
 
     def _provision(self, claim: JsonDict) -> None:
         meta = claim["metadata"]
@@ -119,7 +117,7 @@ class FolderProvisioner(threading.Thread):
             if not is_status(error, 409):
                 raise
 
-    def _delete(self, name: str) -> None:
+    def _delete_volume(self, name: str) -> None:
         try:
             self.rest.delete(f"/api/v1/persistentvolumes/{name}")
         except ApiException as error:

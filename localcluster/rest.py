@@ -41,9 +41,7 @@ class Rest:
         response = self._send(method, path, body, query, content_type, timeout)
         data = response.read()
         if not 200 <= response.status <= 299:
-            raise ApiException(
-                status=response.status, reason=response.reason, body=data.decode(errors="replace")
-            )
+            raise ApiException(status=response.status, reason=response.reason, body=data.decode(errors="replace"))
         return json.loads(data) if data else None
 
     def get(self, path: str, query: dict[str, Any] | None = None) -> Any:
@@ -58,17 +56,13 @@ class Rest:
     def delete(self, path: str, body: JsonDict | None = None) -> Any:
         return self.request("DELETE", path, body=body)
 
-    def watch(
-        self, path: str, query: dict[str, Any], timeout_seconds: int = 240
-    ) -> Iterator[tuple[str, JsonDict]]:
+    def watch(self, path: str, query: dict[str, Any], timeout_seconds: int = 240) -> Iterator[tuple[str, JsonDict]]:
         """Yield (type, object) for each event of one watch request; ends when the server closes it."""
         query = {**query, "watch": "true", "timeoutSeconds": timeout_seconds, "allowWatchBookmarks": "true"}
         response = self._send("GET", path, None, query, "application/json", (10, timeout_seconds + 30))
         if not 200 <= response.status <= 299:
             data = response.read()
-            raise ApiException(
-                status=response.status, reason=response.reason, body=data.decode(errors="replace")
-            )
+            raise ApiException(status=response.status, reason=response.reason, body=data.decode(errors="replace"))
         raw = response.response
         try:
             pending = b""
