@@ -107,9 +107,12 @@ def env_name(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings()
     for name, (kind, help_text) in _OPTIONS.items():
+        default = getattr(defaults, name)
+        shown = "" if default is None else f", default {default}"
         option = "--" + name.replace("_", "-")
-        parser.add_argument(option, dest=name, type=kind, default=None, help=f"{help_text} [{env_name(name)}]")
+        parser.add_argument(option, dest=name, type=kind, default=None, help=f"{help_text} [{env_name(name)}{shown}]")
     parser.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
     parser.add_argument(
         "--progress",
