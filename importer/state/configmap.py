@@ -11,18 +11,20 @@ Layout (the operator relies on it):
 
 How the bucket count grows without a lock, while several writers save at once:
 
-* Every bucket is annotated with the count it was written under. Counts are powers of two and only grow, so
-  a path's bucket under a larger count (``h mod 2C``) is its bucket under the smaller one (``h mod C``) or a
-  higher one. A writer's count only grows too, so of two copies of one path, the one in the higher-indexed
-  bucket is the newer: :meth:`ConfigMapStateStore.load` lets it win.
-* A writer that finds a bucket annotated with a larger count than its own adopts it and re-plans its save; one
-  that finds a smaller count first *marks* the bucket (annotation only, with the resourceVersion read, so a
-  slower writer's update of that bucket fails with 409 and it re-reads the new count), then copies the entries
-  that now belong elsewhere to their buckets (where those already have the path, the copy there is newer and
-  stays), and only then removes them from the old bucket.
+* Counts are powers of two and only grow, so the buckets a path has under the counts 1, 2, 4, … (its *chain*:
+  ``h mod 1``, ``h mod 2``, ``h mod 4``, …) never go down. Every bucket is annotated with the count it was
+  written under, and a writer's count only grows: so the copies of a path that one writer leaves behind sit
+  higher up the chain the newer they are, and :meth:`ConfigMapStateStore.load` lets the highest one win.
+* A writer that finds a bucket annotated with a larger count than its own adopts it and re-plans its save. One
+  that finds a smaller count first *marks* the bucket (annotation only, with the resourceVersion read: a
+  slower writer's update then fails with 409 and it re-reads the new count), then copies each entry that no
+  longer belongs there one step up its chain, to the next bucket it had under a larger count, unless that
+  bucket already holds the path (that copy is newer), and only then removes it from the old bucket. Moving
+  one step at a time, an old copy can never jump over a newer one that a writer with an older count put in
+  between; the bucket it lands in moves it on the same way.
 * Before writing under a larger count, a writer marks ``<base>-0`` first, so ``<base>-0``'s annotation
-  always covers every bucket that exists: a reader reads buckets ``0..count-1`` in ascending order and never
-  misses one.
+  always covers every bucket that exists: a reader reads buckets ``0..count-1`` in ascending order (entries
+  only ever move up) and never misses one.
 
 All network I/O is synchronous (the pipeline calls it through ``asyncio.to_thread``); a lock makes one
 instance safe to share between threads. Only ``get``, ``create`` and ``update`` on ConfigMaps are used.
@@ -123,10 +125,29 @@ class _BucketFull(Exception):
         self.size = size
 
 
-def bucket_index(path: str, count: int) -> int:
-    """The bucket of ``path`` among ``count``: first 8 bytes of its sha256 (big-endian), modulo ``count``."""
+def path_hash(path: str) -> int:
+    """First 8 bytes (big-endian) of the sha256 of the path's UTF-8 bytes (undecodable bytes kept as is)."""
     digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") % count
+    return int.from_bytes(digest[:8], "big")
+
+
+def bucket_index(path: str, count: int) -> int:
+    """The bucket of ``path`` among ``count``."""
+    return path_hash(path) % count
+
+
+def next_bucket(path: str, index: int, count: int) -> int:
+    """The next bucket up the chain of ``path`` (stored in bucket ``index``) under at most ``count`` buckets;
+    ``index`` itself when the path belongs there under ``count``."""
+    digest = path_hash(path)
+    candidate = 1
+    while candidate <= index:
+        candidate *= 2
+    while candidate <= count:
+        if digest % candidate != index:
+            return digest % candidate
+        candidate *= 2
+    return index
 
 
 def encode_entries(entries: Mapping[str, Any]) -> bytes:
@@ -324,9 +345,7 @@ class ConfigMapStateStore:
             raise StateSaveError(
                 f"ConfigMap state {self.namespace}/{self.name} would need {grown} buckets (max {MAX_BUCKETS})"
             )
-        log.info(
-            "state %s: a bucket would hold %d bytes; growing to %d buckets", self.name, payload_size, grown
-        )
+        log.info("state %s: a bucket would hold %d bytes; growing to %d buckets", self.name, payload_size, grown)
         self._count = grown
 
     def _save_under_current_count(self, changed: dict[str, Any], summary: dict[str, Any]) -> None:
@@ -376,6 +395,9 @@ class ConfigMapStateStore:
                 redistributed = True
                 continue
             if self._merge_and_update(index, cm, stored, entries, count, summary, only_absent, remove):
+                if only_absent and any(bucket_index(path, count) != index for path in entries):
+                    # Entries moved here one step up their chain may have further to go.
+                    self._write(index, {}, count)
                 return
         raise StateSaveError(
             f"ConfigMap {self.namespace}/{configmap_name(self.name, index)}: "
@@ -423,8 +445,9 @@ class ConfigMapStateStore:
         misplaced: dict[str, Any],
         count: int,
     ) -> None:
-        """Bring bucket ``index`` from ``stored_count`` to ``count`` buckets: mark it, copy out the entries
-        that belong elsewhere now, then remove them here. Returns early if another writer intervened."""
+        """Bring bucket ``index`` from ``stored_count`` to ``count`` buckets: mark it, copy the entries that
+        belong elsewhere now one step up their chain, then remove them here. Returns early if another writer
+        intervened."""
         if stored_count < count:
             # Marking freezes the misplaced entries: from now on a writer that updates this bucket has
             # seen the new count and puts such paths in their new buckets.
@@ -436,9 +459,9 @@ class ConfigMapStateStore:
             return
         by_target: dict[int, dict[str, Any]] = {}
         for path, entry in misplaced.items():
-            by_target.setdefault(bucket_index(path, count), {})[path] = entry
+            by_target.setdefault(next_bucket(path, index, count), {})[path] = entry
         for target in sorted(by_target):
-            # A copy already in the target bucket was written under the larger count, so it is newer.
+            # A copy already in the next bucket up the chain is newer than ours: it stays.
             self._write(target, by_target[target], count, only_absent=True)
         self._write(index, {}, count, remove=misplaced)
 
@@ -466,9 +489,7 @@ class ConfigMapStateStore:
         self._cache[index] = cm
         return cm
 
-    def _create(
-        self, index: int, entries: dict[str, Any], count: int, summary: dict[str, Any] | None
-    ) -> bool:
+    def _create(self, index: int, entries: dict[str, Any], count: int, summary: dict[str, Any] | None) -> bool:
         """Create bucket ``index``; False when another writer created it first."""
         name = configmap_name(self.name, index)
         payload = encode_entries(entries)

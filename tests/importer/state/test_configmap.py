@@ -30,6 +30,7 @@ from importer.state.configmap import (
     bucket_index,
     decode_entries,
     encode_entries,
+    next_bucket,
     read_summaries,
 )
 
@@ -55,6 +56,26 @@ def test_doubling_the_count_only_moves_a_path_up_by_the_old_count() -> None:
         for count in (1, 2, 8, 64):
             old, new = bucket_index(path, count), bucket_index(path, 2 * count)
             assert new in (old, old + count)
+
+
+def test_next_bucket_is_the_next_step_up_the_chain() -> None:
+    rng = random.Random(8)
+    for _ in range(2000):
+        path = f"{uuid.UUID(int=rng.getrandbits(128))}.jsonl"
+        chain = [bucket_index(path, 2**k) for k in range(11)]  # counts 1 … 1024
+        steps = sorted(set(chain))
+        for here, above in zip(steps, [*steps[1:], steps[-1]], strict=True):
+            assert next_bucket(path, here, 1024) == above
+        assert next_bucket(path, chain[3], 8) == chain[3]  # at home under 8 buckets
+
+
+def path_with_chain(chain: list[int]) -> str:
+    """A path whose buckets under 1, 2, 4, … buckets are ``chain``."""
+    for i in range(10_000):
+        path = f"chosen-{i}.jsonl"
+        if [bucket_index(path, 2**k) for k in range(len(chain))] == chain:
+            return path
+    raise AssertionError(chain)
 
 
 def test_payload_round_trips_and_is_deterministic() -> None:
@@ -252,6 +273,38 @@ def test_a_stale_writer_follows_a_growth_by_another(kube_api: client.ApiClient, 
     assert ConfigMapStateStore("g", namespace, api=api).load() == {**slow_files, **fast_files}
 
 
+def put_bucket(api: client.CoreV1Api, namespace: str, name: str, count: int, entries: dict[str, Any]) -> None:
+    payload = base64.b64encode(encode_entries(entries)).decode()
+    api.create_namespaced_config_map(
+        namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name=name, annotations={BUCKETS_ANNOTATION: str(count)}),
+            binary_data={STATE_KEY: payload},
+        ),
+    )
+
+
+@pytest.mark.cluster
+def test_an_old_copy_never_overtakes_a_newer_one(kube_api: client.ApiClient, namespace: str) -> None:
+    """The state a race leaves: writer X grew to 2 buckets and marked <base>-0; writer W learned 2 and put a
+    newer copy of path p in bucket 1 (creating it); writer Y grew to 4 and marked <base>-0 before X moved p's
+    old copy out of bucket 0. Moving that copy straight to p's bucket under 4 (3) would let it win over the
+    newer one; moved one step at a time it meets the newer copy in bucket 1 and yields."""
+    api = core(kube_api)
+    path = path_with_chain([0, 1, 3])
+    old, new = FileState(offset=10, next_chunk=1), FileState(offset=99, next_chunk=9)
+    put_bucket(api, namespace, "race-0", 4, {path: old.to_json()})
+    put_bucket(api, namespace, "race-1", 2, {path: new.to_json()})
+    assert ConfigMapStateStore("race", namespace, api=api).load() == {path: new}
+
+    writer = ConfigMapStateStore("race", namespace, api=api)
+    writer.save({}, Summary())  # any save tidies the buckets it passes
+    assert writer.bucket_count == 4
+    assert ConfigMapStateStore("race", namespace, api=api).load() == {path: new}
+    buckets = state_configmaps(api, namespace, "race")
+    assert {i: stored_paths(cm) for i, cm in buckets.items()} == {0: set(), 1: set(), 3: {path}}
+
+
 @pytest.mark.cluster
 def test_concurrent_writers_growing_buckets_lose_nothing(kube_api: client.ApiClient, namespace: str) -> None:
     api = core(kube_api)
@@ -349,9 +402,7 @@ def test_labels_and_owner_references_are_copied(kube_api: client.ApiClient, name
         namespace,
         client.V1ConfigMap(metadata=client.V1ObjectMeta(name="o-0", owner_references=[reference])),
     )
-    store = ConfigMapStateStore(
-        "o", namespace, run_name="nightly-1", shard_index=2, api=api, bucket_limit=4096
-    )
+    store = ConfigMapStateStore("o", namespace, run_name="nightly-1", shard_index=2, api=api, bucket_limit=4096)
     files = make_files(300)
     store.save(files, summary_of(files))
 
@@ -410,9 +461,7 @@ def restricted_api(kube_api: client.ApiClient, namespace: str) -> Iterator[clien
         namespace,
         client.V1RoleBinding(
             metadata=client.V1ObjectMeta(name="importer-state"),
-            role_ref=client.V1RoleRef(
-                api_group="rbac.authorization.k8s.io", kind="Role", name="importer-state"
-            ),
+            role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="importer-state"),
             subjects=[client.RbacV1Subject(kind="ServiceAccount", name="importer", namespace=namespace)],
         ),
     )
