@@ -4,6 +4,9 @@ No Kubernetes binaries can be downloaded here (GitHub and dl.k8s.io are out of r
 source package ``kubernetes`` carries the full upstream v1.20.2 tree with its vendored dependencies, so we
 compile the four binaries we need with Debian's Go 1.19 and keep only them in the cache.
 
+It needs root: it adds deb-src entries (``/etc/apt/sources.list.d/reflection-operator-deb-src.sources``,
+mirroring the machine's deb entries) and apt-installs Go 1.19 and the other build tools.
+
 The build is idempotent: a finished build is recognised by a marker file written last, after the binaries
 have been moved into place; anything else in the cache directory is treated as debris and redone. A file
 lock keeps two sessions from building at the same time.

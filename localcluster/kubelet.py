@@ -8,7 +8,8 @@ tests need, honestly and no more:
 * it runs each bound Pod's containers as local processes (``localcluster.podworker``): ``command``/``args``,
   ``env``/``envFrom`` (values, Secret and ConfigMap keys, the downward API's ``fieldRef`` and
   ``resourceFieldRef``), ``workingDir`` and volume mounts mapped to local folders. The image is ignored: the
-  command runs with this repository's ``.venv/bin`` first on ``PATH`` and the repository on ``PYTHONPATH``.
+  command runs with this repository's ``.venv/bin`` first on ``PATH`` (``make setup`` installs the project
+  there, so ``python -m importer`` and the console scripts work) and the host's ``HOME``.
   The process sees the host's file system, so each mount path (longest first) is rewritten into its local
   folder inside the command, args, env values and workingDir;
 * it enforces ``resources.limits.memory`` from the outside, the way the kernel's OOM killer would: it samples
@@ -272,7 +273,6 @@ def build_context(args: argparse.Namespace) -> KubeletContext:
         server=cluster["server"],
         ca_data=cluster["certificate-authority-data"],
         venv_bin=repo_root / ".venv" / "bin",
-        repo_root=repo_root,
         allocatable={"cpu": args.cpu, "memory": str(psutil.virtual_memory().total)},
     )
 

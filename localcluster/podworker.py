@@ -69,7 +69,6 @@ class KubeletContext:
     server: str
     ca_data: str
     venv_bin: Path
-    repo_root: Path
     allocatable: dict[str, str]
     exclusive: ExclusiveKeys = field(default_factory=ExclusiveKeys)
 
@@ -341,7 +340,7 @@ class PodWorker(threading.Thread):
         return Launch(argv, self._process_env(env), cwd, termination_file)
 
     def _process_env(self, pod_env: dict[str, str]) -> dict[str, str]:
-        """The pod's variables over a small base; this repo's venv first on PATH and its code importable."""
+        """The pod's variables over a small base, with this repo's venv (the "image") first on PATH."""
         env = {
             "HOME": os.environ.get("HOME", "/root"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
@@ -349,7 +348,6 @@ class PodWorker(threading.Thread):
             **pod_env,
         }
         env["PATH"] = f"{self.ctx.venv_bin}:{pod_env.get('PATH', SYSTEM_PATH)}"
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.ctx.repo_root), pod_env.get("PYTHONPATH")) if p)
         if self._kubeconfig is not None and "KUBECONFIG" not in pod_env:
             env["KUBECONFIG"] = str(self._kubeconfig)
         return env
