@@ -137,7 +137,7 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
         attempt=_int(labels.get(LABEL_ATTEMPT), 1),
         shard=_int(labels.get(LABEL_SHARD)),
         phase=status.get("phase", ""),
-        started=bool(state.get("running") or terminated),
+        started="running" in state or terminated is not None,
         terminated=Termination(
             exit_code=_int(terminated.get("exitCode")),
             reason=terminated.get("reason", ""),

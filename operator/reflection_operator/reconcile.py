@@ -142,7 +142,7 @@ def decide(obs: Observed) -> Plan:
 
 def _ready_condition(obs: Observed, plan: Plan) -> None:
     conditions = plan.status["conditions"]
-    before = condition(conditions, READY)
+    was_ready = (condition(conditions, READY) or {}).get("status")
     if obs.problems:
         message = "; ".join(str(p) for p in obs.problems)
         changed = set_condition(conditions, READY, False, obs.problems[0].reason, message, obs.now, obs.generation)
@@ -150,7 +150,7 @@ def _ready_condition(obs: Observed, plan: Plan) -> None:
             plan.event("Warning", obs.problems[0].reason, message)
     else:
         set_condition(conditions, READY, True, "SpecValid", "the spec is valid", obs.now, obs.generation)
-        if before is not None and before.get("status") == "False":
+        if was_ready == "False":
             plan.event("Normal", "SpecValid", "the spec is valid again")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .quantity import QuantityError, format_memory, parse_quantity_bytes, parse_quantity_decimal
-from .schedule import CronSchedule, ScheduleError
+from .schedule import CronSchedule, ScheduleError, parse_zone
 from .settings import Settings
 
 PROVIDERS = ("fastembed", "voyage")
@@ -221,16 +221,20 @@ class _Reader:
 
     def schedule(self) -> CronSchedule | None:
         expression = self.raw.get("schedule")
-        time_zone = self.raw.get("timeZone")
+        time_zone = self.raw.get("timeZone") or None
+        if time_zone:  # checked even without a schedule: a wrong zone is worth saying
+            try:
+                parse_zone(str(time_zone))
+            except ScheduleError as error:
+                self.problem(error.field, str(error), "UnknownTimeZone")
+                time_zone = None
+        if not expression:
+            return None
         try:
-            if expression:
-                return CronSchedule.parse(str(expression), time_zone)
-            if time_zone:  # a zone without a schedule is harmless, but a wrong one is still worth saying
-                CronSchedule.parse("0 0 * * *", time_zone)
+            return CronSchedule.parse(str(expression), time_zone)
         except ScheduleError as error:
-            reason = "InvalidSchedule" if error.field == "spec.schedule" else "UnknownTimeZone"
-            self.problem(error.field, str(error), reason)
-        return None
+            self.problem(error.field, str(error), "InvalidSchedule")
+            return None
 
     def resources(self, provider: str) -> ResourcesSpec:
         section = self.section("resources")
