@@ -37,6 +37,7 @@ TERMINATION_LOG_LINES = 80
 TERMINATION_LOG_BYTES = 2048
 TERMINATION_FILE_BYTES = 4096
 OOM_EXIT_CODE = 137
+STATUS_ATTEMPTS = 5
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: An embedded Qdrant folder can be opened by one process only: containers naming the same one take turns.
 EXCLUSIVE_ENV = "IMPORTER_QDRANT_PATH"
@@ -422,14 +423,21 @@ class PodWorker(threading.Thread):
         with self._status_lock:
             body = {"status": self._status()}
             meta = self.pod["metadata"]
-            try:
-                self.ctx.rest.patch(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", body)
-            except ApiException as error:
-                if error.status == 404:
-                    self._report_status = False
-                    self._stop_event.set()
-                else:
-                    log.warning("pod %s: status update failed: %s %s", self.name, error.status, error.body)
+            path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
+            for attempt in range(STATUS_ATTEMPTS):
+                try:
+                    self.ctx.rest.patch(path, body)
+                    return
+                except ApiException as error:
+                    if error.status == 404:  # the Pod is gone (force-deleted): stop its processes
+                        self._report_status = False
+                        self._stop_event.set()
+                        return
+                    problem = f"{error.status} {error.body}"
+                except Exception as error:  # connection trouble: a lost final status would strand the Pod
+                    problem = repr(error)
+                log.warning("pod %s: status update %d failed: %s", self.name, attempt + 1, problem)
+                time.sleep(0.5 * (attempt + 1))
 
     def _status(self) -> JsonDict:
         phase = self.phase
