@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -273,7 +274,8 @@ class ConfigMapStateStore:
         try:
             config.load_incluster_config(client_configuration=configuration)
         except ConfigException:
-            config.load_kube_config(client_configuration=configuration)
+            # Read $KUBECONFIG now: the client's own default was fixed when it was imported.
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
         api = client.CoreV1Api(client.ApiClient(configuration))
         return cls(name, namespace, api=api, **kwargs)
 

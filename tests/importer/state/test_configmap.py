@@ -360,12 +360,27 @@ def test_save_raises_when_the_api_is_unreachable_and_the_state_stays(
     store = ConfigMapStateStore("u", namespace, api=dead, max_attempts=4, retry_timeout=3.0)
     changed = {path: FileState(size=1) for path in list(files)[:5]}
     started = time.monotonic()
-    with pytest.raises(StateSaveError, match=rf"{namespace}/u-0.*(Connection|Max retries|refused)"):
+    with pytest.raises(StateSaveError, match=rf"{namespace}/u-0.*(Connection|Max retries|refused)") as raised:
         store.save(changed, summary_of(changed))
+    print(f"\nunreachable API: {raised.value} (after {time.monotonic() - started:.1f} s)")
     assert time.monotonic() - started < 30
     with pytest.raises(StateLoadError, match="u-0"):
         store.load()
     assert ConfigMapStateStore("u", namespace, api=api).load() == files
+
+
+@pytest.mark.cluster
+def test_from_environment_uses_kubeconfig_outside_a_pod(
+    kube_cluster: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(kube_cluster.kubeconfig))
+    store = ConfigMapStateStore.from_environment("env", namespace, run_name="r1", shard_index=3)
+    files = make_files(10)
+    store.save(files, summary_of(files))
+    assert ConfigMapStateStore.from_environment("env", namespace).load() == files
+    bucket0: Any = store.api.read_namespaced_config_map("env-0", namespace)
+    assert bucket0.metadata.labels[IMPORTRUN_LABEL] == "r1"
 
 
 @pytest.mark.cluster
