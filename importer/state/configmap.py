@@ -382,6 +382,7 @@ class ConfigMapStateStore:
             cm = self._read(index)
             if cm is None:
                 if self._create(index, entries, count, summary):
+                    self._settle_moved_entries(index, entries, count, only_absent)
                     return
                 continue
             stored_count = _bucket_count_of(cm)
@@ -397,14 +398,17 @@ class ConfigMapStateStore:
                 redistributed = True
                 continue
             if self._merge_and_update(index, cm, stored, entries, count, summary, only_absent, remove):
-                if only_absent and any(bucket_index(path, count) != index for path in entries):
-                    # Entries moved here one step up their chain may have further to go.
-                    self._write(index, {}, count)
+                self._settle_moved_entries(index, entries, count, only_absent)
                 return
         raise StateSaveError(
             f"ConfigMap {self.namespace}/{configmap_name(self.name, index)}: "
             f"still conflicting after {MAX_CONFLICTS} attempts"
         )
+
+    def _settle_moved_entries(self, index: int, entries: dict[str, Any], count: int, moved: bool) -> None:
+        """Entries moved here one step up their chain may have further to go: send them on."""
+        if moved and any(bucket_index(path, count) != index for path in entries):
+            self._write(index, {}, count)
 
     def _merge_and_update(
         self,

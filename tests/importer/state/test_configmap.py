@@ -306,6 +306,26 @@ def test_an_old_copy_never_overtakes_a_newer_one(kube_api: client.ApiClient, nam
 
 
 @pytest.mark.cluster
+def test_a_growth_cut_short_is_finished_by_the_next_save(kube_api: client.ApiClient, namespace: str) -> None:
+    # A writer marked <base>-0 for 4 buckets and died before moving anything out of it.
+    api = core(kube_api)
+    far, near, stays = path_with_chain([0, 1, 3]), path_with_chain([0, 0, 2]), path_with_chain([0, 0, 0])
+    entries = {far: FileState(offset=1), near: FileState(offset=2), stays: FileState(offset=3)}
+    put_bucket(api, namespace, "cut-0", 4, {p: e.to_json() for p, e in entries.items()})
+
+    ConfigMapStateStore("cut", namespace, api=api).save({}, Summary())
+    buckets = state_configmaps(api, namespace, "cut")
+    # far passed through bucket 1 (created on the way) to 3.
+    assert {i: stored_paths(cm) for i, cm in buckets.items()} == {
+        0: {stays},
+        1: set(),
+        2: {near},
+        3: {far},
+    }
+    assert ConfigMapStateStore("cut", namespace, api=api).load() == entries
+
+
+@pytest.mark.cluster
 def test_concurrent_writers_growing_buckets_lose_nothing(kube_api: client.ApiClient, namespace: str) -> None:
     api = core(kube_api)
     writers = 3
