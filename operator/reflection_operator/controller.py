@@ -131,8 +131,9 @@ class Follower:
                     raise
                 logger.info("Job %s exists already: adopting it", item.request.name)
         # The status goes before deletions: a run whose outcome is not recorded keeps its Jobs.
-        if plan.status != self.status:
-            patched = await kube.merge_patch(importrun_status_path(namespace, self.owner.name), {"status": plan.status})
+        if stored_form(plan.status) != stored_form(self.status):
+            patch = {"status": merge_patch_form(plan.status)}
+            patched = await kube.merge_patch(importrun_status_path(namespace, self.owner.name), patch)
             self.status = dict(patched.get("status") or {})
         for name in plan.delete:
             if await kube.delete(jobs_path(namespace, name)):
@@ -144,6 +145,35 @@ class Follower:
         run = RunRecord.from_status(self.status.get("run"))
         if run is not None:
             self.ctx.metrics.record_progress(namespace, self.owner.name, total(observed.summary, run.shards))
+
+
+def merge_patch_form(value: Any, in_list: bool = False) -> Any:
+    """``value`` as a merge patch: empty strings become null (delete the field), or vanish inside lists.
+
+    Empty strings are never sent: the v1.20 API server of the test cluster turns them into null and then
+    refuses them as "must be of type string"; an absent field means the same to every reader.
+    """
+    if isinstance(value, dict):
+        patch: dict[str, Any] = {}
+        for key, item in value.items():
+            if item == "" or item is None:
+                if not in_list:
+                    patch[key] = None
+                continue
+            patch[key] = merge_patch_form(item, in_list)
+        return patch
+    if isinstance(value, list):
+        return [merge_patch_form(item, True) for item in value if item != ""]
+    return value
+
+
+def stored_form(value: Any) -> Any:
+    """``value`` as the API server stores it after ``merge_patch_form``: without nulls and empty strings."""
+    if isinstance(value, dict):
+        return {k: stored_form(v) for k, v in value.items() if v is not None and v != ""}
+    if isinstance(value, list):
+        return [stored_form(item) for item in value if item != ""]
+    return value
 
 
 def name_problems(name: str) -> list[Problem]:

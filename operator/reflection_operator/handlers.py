@@ -2,7 +2,8 @@
 
 - Jobs, Pods and the first state ConfigMap carrying the ``reflection.dev/importrun`` label are indexed by
   (namespace, ImportRun); the watches ask the API server for that label only, so unrelated objects are
-  never streamed. Every change also wakes the owning ImportRun's loop.
+  never streamed. Every change also wakes the owning ImportRun's loop (from the index functions, which
+  kopf calls for every change before anything else).
 - Each ImportRun has a daemon running ``controller.follow``: created, resumed after a restart, stopped on
   deletion (kopf's finalizer makes sure of that; the garbage collector then removes Jobs and state, which
   the ImportRun owns).
@@ -51,6 +52,12 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, logger: Logger, 
     logger.info("reflection-operator configured: importer image %s", own.importer_image)
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a Pod its ServiceAccount; elsewhere the kubeconfig that KUBECONFIG names at the time of the call."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.cleanup()
 async def close(memo: Any, **_: Any) -> None:
     ctx: Context | None = getattr(memo, "ctx", None)
@@ -67,28 +74,37 @@ def followed(memo: Any, **_: Any) -> int:
 # -- indexes ------------------------------------------------------------------------------------------
 
 
+# Each index function also wakes the owning ImportRun's loop: the change it indexes is news to it.
+# (Deletions are not indexed by a call; the loops that wait for one look again every second meanwhile.)
+
+
+def _wake(memo: Any, key: Key) -> None:
+    ctx: Context | None = getattr(memo, "ctx", None)
+    if ctx is not None:
+        ctx.wake(*key)
+
+
 @kopf.index("batch", "v1", "jobs", labels=OWNED)
-def importrun_jobs(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Key, JobInfo]:
-    return {(namespace or "", importrun_of(body)): job_info(body)}
+def importrun_jobs(namespace: str | None, body: kopf.Body, memo: Any, **_: Any) -> dict[Key, JobInfo]:
+    key = (namespace or "", importrun_of(body))
+    _wake(memo, key)
+    return {key: job_info(body)}
 
 
 @kopf.index("v1", "pods", labels=OWNED)
-def importrun_pods(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Key, PodInfo]:
-    return {(namespace or "", importrun_of(body)): pod_info(body)}
+def importrun_pods(namespace: str | None, body: kopf.Body, memo: Any, **_: Any) -> dict[Key, PodInfo]:
+    key = (namespace or "", importrun_of(body))
+    _wake(memo, key)
+    return {key: pod_info(body)}
 
 
 @kopf.index("v1", "configmaps", labels=SUMMARY_BUCKET)
-def importrun_summaries(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Key, dict[int, ShardSummary]]:
-    return {(namespace or "", importrun_of(body)): state_summary(body)}
-
-
-@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
-@kopf.on.event("v1", "pods", labels=OWNED)
-@kopf.on.event("v1", "configmaps", labels=SUMMARY_BUCKET)
-def wake_owner(namespace: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    ctx: Context | None = getattr(memo, "ctx", None)
-    if ctx is not None:
-        ctx.wake(namespace or "", importrun_of(body))
+def importrun_summaries(
+    namespace: str | None, body: kopf.Body, memo: Any, **_: Any
+) -> dict[Key, dict[int, ShardSummary]]:
+    key = (namespace or "", importrun_of(body))
+    _wake(memo, key)
+    return {key: state_summary(body)}
 
 
 # -- ImportRuns ---------------------------------------------------------------------------------------

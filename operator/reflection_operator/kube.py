@@ -8,6 +8,7 @@ so the client's low-level request path is used rather than its typed models.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 from urllib.parse import quote
 
@@ -48,7 +49,12 @@ class Kube:
         try:
             kube_config.load_incluster_config(client_configuration=configuration)
         except kube_config.ConfigException:
-            await kube_config.load_kube_config(client_configuration=configuration, persist_config=False)
+            # KUBECONFIG is read now, not when the client library was imported (tests set it late).
+            await kube_config.load_kube_config(
+                config_file=os.environ.get("KUBECONFIG") or None,
+                client_configuration=configuration,
+                persist_config=False,
+            )
         return cls(ApiClient(configuration))
 
     async def close(self) -> None:

@@ -169,15 +169,17 @@ def _adopt_orphans(obs: Observed, jobs: list[JobInfo], run: RunRecord | None, pl
     run_id = max((j.run_id for j in orphans), key=int)
     of_run = [j for j in jobs if j.run_id == run_id]
     attempt = max(j.attempt for j in of_run)
+    memory = next((j.memory for j in of_run if j.attempt == attempt and j.memory), "")
     scheduled = datetime.fromtimestamp(int(run_id), UTC)
     adopted = RunRecord(
         id=run_id,
         scheduled_time=scheduled,
         shards=max(j.shard_count for j in of_run),
         attempt=attempt,
-        memory=next((j.memory for j in of_run if j.attempt == attempt and j.memory), ""),
+        memory=memory,
         state=RUN_ACTIVE,
         succeeded_shards=sorted({j.shard for j in of_run if j.state == SUCCEEDED}),
+        tried_memory=[memory] if memory else [],
         start_time=min((j.start_time for j in of_run if j.start_time), default=obs.now),
     )
     _mark_handled(plan.status, scheduled, started=True)

@@ -4,15 +4,27 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from kopf.testing import KopfRunner
 from reflection_operator.jobs import JobRequest, Owner, build_job
 from reflection_operator.observed import JobInfo, PodInfo, ShardSummary, job_info, pod_info
+from reflection_operator.rbac import importer_rbac
 from reflection_operator.reconcile import Observed, Plan, decide
 from reflection_operator.settings import Settings
 from reflection_operator.spec import parse_spec
+
+from importer.model import prepare_model
 
 T0 = datetime(2026, 1, 5, 10, 0, 0, tzinfo=UTC)
 OWNER = Owner(name="nightly", namespace="team", uid="uid-1")
@@ -147,3 +159,193 @@ def make_world() -> type[World]:
 @pytest.fixture(name="request_for")
 def request_for_fixture() -> Any:
     return request_for
+
+
+# -- against the local control plane --------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_PATH = REPO / "charts" / "reflection-operator" / "crds" / "importruns.reflection.dev.yaml"
+MAKE_CORPUS = Path(os.environ.get("REFLECTION_SHARED", REPO.parent / "shared")) / "corpus" / "make_corpus.py"
+
+
+@pytest.fixture(scope="session")
+def importrun_crd(kube_cluster: Any) -> Path:
+    """The CRD, applied from the chart (its single source) once per session."""
+    kube_cluster.kubectl_run("apply", "-f", str(CRD_PATH), check=True)
+    kube_cluster.kubectl_run(
+        "wait", "--for=condition=established", "--timeout=60s", "crd/importruns.reflection.dev", check=True
+    )
+    return CRD_PATH
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A generated conversation tree (read-only source for several tests) and its manifest."""
+    out = tmp_path_factory.mktemp("operator-corpus") / "projects"
+    subprocess.run(
+        [sys.executable, str(MAKE_CORPUS), str(out), "--files", "8", "--profile", "small"],
+        check=True,
+        capture_output=True,
+    )
+    return out, json.loads((out / "MANIFEST.json").read_text())
+
+
+class Kubectl:
+    """A namespace of the local cluster seen through kubectl, as a person would use it."""
+
+    def __init__(self, cluster: Any, namespace: str) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+
+    def run(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = self.cluster.kubectl_run("-n", self.namespace, *args, input=input)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def apply(self, *manifests: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("apply", "-f", "-", input=yaml.safe_dump_all(manifests), check=check)
+
+    def get(self, kind: str, name: str | None = None, selector: str | None = None) -> Any:
+        args = ["get", kind] + ([name] if name else []) + (["-l", selector] if selector else []) + ["-o", "json"]
+        result = self.run(*args, check=False)
+        if result.returncode != 0:
+            if "NotFound" in result.stderr:
+                return None
+            raise AssertionError(result.stderr)
+        found = json.loads(result.stdout)
+        return found if name else found["items"]
+
+    def importrun(self, name: str) -> dict[str, Any]:
+        found = self.get("importrun", name)
+        assert found is not None, f"ImportRun {name} is gone"
+        return found
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.importrun(name).get("status") or {})
+
+    def jobs(self, importrun: str) -> list[dict[str, Any]]:
+        return list(self.get("jobs", selector=f"reflection.dev/importrun={importrun}"))
+
+    def events(self, importrun: str) -> list[dict[str, Any]]:
+        events = self.get("events")
+        return [
+            e
+            for e in events
+            if e["involvedObject"].get("kind") == "ImportRun" and e["involvedObject"].get("name") == importrun
+        ]
+
+    def event_reasons(self, importrun: str) -> list[str]:
+        return [e["reason"] for e in self.events(importrun)]
+
+    def wait(self, what: str, check: Any, timeout: float = 120, interval: float = 0.5) -> Any:
+        """Polls ``check`` until it returns something truthy; fails after ``timeout`` naming ``what``."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = check()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+    def wait_phase(self, name: str, *phases: str, timeout: float = 180) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            status = self.status(name)
+            return status if status.get("phase") in phases else None
+
+        return dict(self.wait(f"ImportRun {name} phase in {phases}", reached, timeout))
+
+    def release_importruns(self) -> None:
+        """Drops kopf's finalizers so that the namespace can go even when no operator runs any more."""
+        for item in self.get("importruns") or []:
+            self.run(
+                "patch",
+                "importrun",
+                item["metadata"]["name"],
+                "--type=merge",
+                "-p",
+                '{"metadata":{"finalizers":null}}',
+                check=False,
+            )
+
+
+@pytest.fixture
+def k8s(kube_cluster: Any, namespace: str, importrun_crd: Path) -> Iterator[Kubectl]:
+    """The test's namespace, with the importer's ServiceAccount and Role made the way users make them."""
+    kubectl = Kubectl(kube_cluster, namespace)
+    kubectl.apply(*importer_rbac(namespace))
+    yield kubectl
+    kubectl.release_importruns()
+
+
+@pytest.fixture
+def operator_env(kube_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The operator's environment: the cluster's kubeconfig and where the test kubelet finds the model."""
+    env = {
+        "KUBECONFIG": str(kube_cluster.kubeconfig),
+        "REFLECTION_IMPORTER_MODEL_DIR": str(prepare_model()),
+        "REFLECTION_METRICS_PORT": "0",
+        "REFLECTION_LIVENESS_PORT": "0",
+        "REFLECTION_LOG_FORMAT": "plain",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def run_operator(operator_env: dict[str, str]) -> Callable[..., KopfRunner]:
+    """``with run_operator(namespace):`` runs the operator (kopf in a thread) watching that namespace."""
+
+    def start(namespace: str) -> KopfRunner:
+        args = ["run", "--standalone", "--namespace", namespace, "-m", "reflection_operator.handlers"]
+        return KopfRunner(args, timeout=60)
+
+    return start
+
+
+def embedded_importrun(name: str, source: Path, **spec: Any) -> dict[str, Any]:
+    """An ImportRun over a host folder into an embedded Qdrant on the claim ``qdrant-<name>``."""
+    body: dict[str, Any] = {
+        "source": {"volume": {"hostPath": {"path": str(source)}}},
+        "qdrant": {"path": "store", "volume": {"persistentVolumeClaim": {"claimName": f"qdrant-{name}"}}},
+        "resources": {"memory": "1Gi", "cpu": "1"},
+    }
+    body.update(spec)
+    return {"apiVersion": "reflection.dev/v1alpha1", "kind": "ImportRun", "metadata": {"name": name}, "spec": body}
+
+
+def claim(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+
+
+def qdrant_points(store: Path) -> int:
+    """Points in an embedded Qdrant store (read after the importer has closed it)."""
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(path=str(store))
+    try:
+        return sum(client.count(c.name, exact=True).count for c in client.get_collections().collections)
+    finally:
+        client.close()
+
+
+@pytest.fixture(name="embedded_importrun")
+def embedded_importrun_fixture() -> Callable[..., dict[str, Any]]:
+    return embedded_importrun
+
+
+@pytest.fixture(name="claim")
+def claim_fixture() -> Callable[[str], dict[str, Any]]:
+    return claim
+
+
+@pytest.fixture(name="qdrant_points")
+def qdrant_points_fixture() -> Callable[[Path], int]:
+    return qdrant_points

@@ -1,0 +1,254 @@
+"""The operator against the local control plane: real API server, garbage collector, test kubelet running
+the real importer as a process, embedded Qdrant stores on claim folders."""
+
+from __future__ import annotations
+
+import time
+
+from kubernetes import client
+
+
+def manifest_files(manifest: dict) -> int:
+    return len(manifest["entries"])
+
+
+def test_an_importrun_imports_everything_once_and_kubectl_shows_it(
+    k8s, run_operator, small_corpus, kube_cluster, embedded_importrun, claim, qdrant_points
+):
+    source, manifest = small_corpus
+    k8s.apply(claim("qdrant-logs"), embedded_importrun("logs", source, tuning={"checkpointSeconds": 0.5}))
+    seen_progress: set[str] = set()
+    with run_operator(k8s.namespace):
+
+        def finished():
+            status = k8s.status("logs")
+            seen_progress.add(status.get("progress", ""))
+            return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+        status = k8s.wait("the run to finish", finished, timeout=240)
+        table = k8s.run("get", "importruns").stdout
+        wide = k8s.run("get", "ir", "-o", "wide").stdout
+
+    assert status["phase"] == "Succeeded", status
+    files = manifest_files(manifest)
+    assert status["filesTotal"] == status["filesDone"] == files
+    assert status["progress"] == f"{files}/{files}" and status["percent"] == 100
+    assert status["chunks"] > 0
+    assert status["chunks"] == qdrant_points(kube_cluster.pvc_dir(k8s.namespace, "qdrant-logs") / "store")
+    assert status["lastScheduleTime"] and status["completionTime"] and status["lastSuccessfulTime"]
+    assert status["active"] == [] if "active" in status else True
+    assert len(seen_progress - {""}) >= 2, f"progress never moved: {seen_progress}"
+
+    header = table.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "PROGRESS", "CHUNKS", "MEMORY", "LAST", "RUN", "NEXT", "RUN", "AGE"]
+    row = table.splitlines()[1].split()
+    assert row[:5] == ["logs", "Succeeded", f"{files}/{files}", str(status["chunks"]), "1Gi"]
+    assert "READY" in wide.splitlines()[0] and "ATTEMPT" in wide.splitlines()[0]
+
+    jobs = k8s.jobs("logs")
+    assert len(jobs) == 1
+    owner = jobs[0]["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "ImportRun" and owner["name"] == "logs" and owner["controller"] is True
+    pod_spec = jobs[0]["spec"]["template"]["spec"]
+    assert pod_spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert jobs[0]["spec"]["backoffLimit"] == 0
+    state = k8s.get("configmap", "logs-state-0")
+    assert state["metadata"]["ownerReferences"][0]["name"] == "logs"
+    assert {"RunStarted", "RunSucceeded"} <= set(k8s.event_reasons("logs"))
+
+
+def test_the_schema_refuses_what_it_can_check(k8s, embedded_importrun, small_corpus):
+    source, _ = small_corpus
+    bad_policy = embedded_importrun("bad-policy", source, concurrencyPolicy="Sometimes")
+    result = k8s.apply(bad_policy, check=False)
+    assert result.returncode != 0 and "spec.concurrencyPolicy" in result.stderr
+    bad_memory = embedded_importrun("bad-memory", source, resources={"memory": "12 gigs"})
+    result = k8s.apply(bad_memory, check=False)
+    assert result.returncode != 0 and "spec.resources.memory" in result.stderr
+    both = embedded_importrun("both", source)
+    both["spec"]["qdrant"]["url"] = "http://qdrant:6333"
+    result = k8s.apply(both, check=False)
+    assert result.returncode != 0 and "spec.qdrant" in result.stderr
+    assert k8s.get("importruns") == []
+
+
+def test_a_bad_cron_expression_sets_ready_false_until_fixed(k8s, run_operator, embedded_importrun, small_corpus):
+    source, _ = small_corpus
+    k8s.apply(embedded_importrun("cron", source, schedule="61 * * * *"))
+    with run_operator(k8s.namespace):
+
+        def not_ready():
+            conditions = k8s.status("cron").get("conditions") or []
+            return next((c for c in conditions if c["type"] == "Ready" and c["status"] == "False"), None)
+
+        ready = k8s.wait("Ready=False", not_ready, timeout=60)
+        assert ready["reason"] == "InvalidSchedule" and "spec.schedule" in ready["message"]
+        warnings = [e for e in k8s.events("cron") if e["type"] == "Warning"]
+        assert any("spec.schedule" in e["message"] for e in warnings)
+        time.sleep(2)
+        assert k8s.jobs("cron") == []
+        assert k8s.status("cron")["phase"] == "Pending"
+
+        # Fixing the spec recovers without recreating the ImportRun (suspended: no run is needed here).
+        k8s.run("patch", "importrun", "cron", "--type=merge", "-p", '{"spec":{"schedule":"0 3 * * *","suspend":true}}')
+
+        def ready_again():
+            conditions = k8s.status("cron").get("conditions") or []
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+        k8s.wait("Ready=True", ready_again, timeout=60)
+        assert k8s.status("cron")["phase"] == "Suspended"
+        assert k8s.status("cron")["observedGeneration"] == 2
+
+
+def test_an_oom_killed_importer_is_retried_with_more_memory(
+    k8s, run_operator, small_corpus, kube_cluster, embedded_importrun, claim, qdrant_points
+):
+    """150Mi cannot hold the model: the Pod is OOM-killed; attempts with more memory resume and finish."""
+    source, manifest = small_corpus
+    retry = {"factor": 4, "maxMemory": "1Gi", "maxAttempts": 3}
+    k8s.apply(claim("qdrant-oom"), embedded_importrun("oom", source, resources={"memory": "150Mi"}, memoryRetry=retry))
+    with run_operator(k8s.namespace):
+        status = k8s.wait_phase("oom", "Succeeded", "Failed", timeout=300)
+    assert status["phase"] == "Succeeded", status
+    assert status["attempt"] >= 2 and status["memory"] in ("600Mi", "1Gi")
+    assert status["lastFailure"]["reason"] in ("OOMKilled", "MemoryBudgetExceeded")
+    assert "150Mi" in status["lastFailure"]["message"] or "600Mi" in status["lastFailure"]["message"]
+    raised = next(c for c in status["conditions"] if c["type"] == "MemoryRaised")
+    assert raised["status"] == "True"
+    reasons = k8s.event_reasons("oom")
+    assert "OOMKilled" in reasons and "AttemptStarted" in reasons
+    files = manifest_files(manifest)
+    assert status["filesDone"] == status["filesTotal"] == files
+    assert status["chunks"] == qdrant_points(kube_cluster.pvc_dir(k8s.namespace, "qdrant-oom") / "store")
+    first = [j for j in k8s.jobs("oom") if j["metadata"]["labels"]["reflection.dev/attempt"] == "1"]
+    assert first[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "150Mi"
+
+
+def test_failures_retry_then_fail_with_the_pods_last_log_lines(k8s, run_operator, small_corpus):
+    """A Qdrant server that is not there: the importer fails; after the retries the message shows why."""
+    source, _ = small_corpus
+    body = {
+        "apiVersion": "reflection.dev/v1alpha1",
+        "kind": "ImportRun",
+        "metadata": {"name": "unreachable"},
+        "spec": {
+            "source": {"volume": {"hostPath": {"path": str(source)}}},
+            "qdrant": {"url": "http://127.0.0.1:9"},
+            "resources": {"memory": "1Gi"},
+            "failureRetry": {"maxRetries": 1, "backoffSeconds": 1},
+        },
+    }
+    k8s.apply(body)
+    with run_operator(k8s.namespace):
+        status = k8s.wait_phase("unreachable", "Failed", timeout=300)
+    assert status["attempt"] == 2
+    message = status["lastFailure"]["message"]
+    assert "exited with 1" in message and "maxRetries=1" in message
+    assert len(message) > 80, message  # the Pod's last log lines, not just an exit code
+    assert "RetryingAfterError" in k8s.event_reasons("unreachable")
+
+
+def test_a_missing_secret_blocks_the_run_until_it_exists(k8s, run_operator, small_corpus):
+    source, _ = small_corpus
+    body = {
+        "apiVersion": "reflection.dev/v1alpha1",
+        "kind": "ImportRun",
+        "metadata": {"name": "keyed"},
+        "spec": {
+            "source": {"volume": {"hostPath": {"path": str(source)}}},
+            "qdrant": {"url": "http://127.0.0.1:9", "apiKeySecretRef": {"name": "qdrant", "key": "api-key"}},
+            "suspend": False,
+            "failureRetry": {"maxRetries": 0},
+        },
+    }
+    k8s.apply(body)
+    with run_operator(k8s.namespace):
+
+        def blocked():
+            conditions = k8s.status("keyed").get("conditions") or []
+            return next((c for c in conditions if c["type"] == "Ready" and c["status"] == "False"), None)
+
+        ready = k8s.wait("Ready=False", blocked, timeout=60)
+        assert ready["reason"] == "MissingSecret" and "spec.qdrant.apiKeySecretRef" in ready["message"]
+        assert k8s.jobs("keyed") == []
+        k8s.run("create", "secret", "generic", "qdrant", "--from-literal=api-key=s3cret")
+        k8s.wait("a Job once the Secret exists", lambda: k8s.jobs("keyed"), timeout=60)
+    job = k8s.jobs("keyed")[0]
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["IMPORTER_QDRANT_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "qdrant", "key": "api-key"}}
+
+
+def test_a_restarted_operator_adopts_its_job_instead_of_making_another(
+    k8s, run_operator, small_corpus, kube_api, embedded_importrun, claim
+):
+    source, _ = small_corpus
+    k8s.apply(claim("qdrant-restart"), embedded_importrun("restart", source))
+    with run_operator(k8s.namespace):
+        k8s.wait("the Job", lambda: k8s.jobs("restart"), timeout=60)
+        k8s.wait("the status to record the run", lambda: k8s.status("restart").get("run"), timeout=30)
+    job_names = [j["metadata"]["name"] for j in k8s.jobs("restart")]
+    # The worst case: the operator stopped after making the Job but before recording it in the status.
+    client.CustomObjectsApi(kube_api).patch_namespaced_custom_object_status(
+        "reflection.dev",
+        "v1alpha1",
+        k8s.namespace,
+        "importruns",
+        "restart",
+        {"status": {"run": None, "lastScheduleTime": None, "lastHandledScheduleTime": None}},
+        _content_type="application/merge-patch+json",
+    )
+    with run_operator(k8s.namespace):
+        status = k8s.wait_phase("restart", "Succeeded", "Failed", timeout=240)
+    assert status["phase"] == "Succeeded"
+    assert [j["metadata"]["name"] for j in k8s.jobs("restart")] == job_names
+    assert "RunAdopted" in k8s.event_reasons("restart")
+
+
+def test_a_schedule_fires_and_forbid_skips_while_a_run_is_active(
+    k8s, run_operator, small_corpus, embedded_importrun, claim
+):
+    source, _ = small_corpus
+    k8s.apply(claim("qdrant-every"), embedded_importrun("every", source, schedule="*/4 * * * * *"))
+    with run_operator(k8s.namespace):
+        k8s.wait("a run skipped", lambda: "RunSkipped" in k8s.event_reasons("every"), timeout=120)
+        status = k8s.status("every")
+        assert status["lastScheduleTime"] and status["nextScheduleTime"]
+        assert len([j for j in k8s.jobs("every") if not j.get("status", {}).get("completionTime")]) <= 1
+        k8s.run("patch", "importrun", "every", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+        status = k8s.wait_phase("every", "Suspended", timeout=120)
+    assert status.get("nextScheduleTime") is None
+    run_ids = {j["metadata"]["labels"]["reflection.dev/run-id"] for j in k8s.jobs("every")}
+    assert len(run_ids) >= 1
+
+
+def test_replace_stops_the_active_run_and_the_next_resumes(
+    k8s, run_operator, small_corpus, kube_cluster, embedded_importrun, claim, qdrant_points
+):
+    source, _ = small_corpus
+    k8s.apply(
+        claim("qdrant-replace"),
+        embedded_importrun("replace", source, schedule="*/5 * * * * *", concurrencyPolicy="Replace"),
+    )
+    with run_operator(k8s.namespace):
+        k8s.wait("a run replaced", lambda: "RunReplaced" in k8s.event_reasons("replace"), timeout=120)
+        k8s.run("patch", "importrun", "replace", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+        status = k8s.wait_phase("replace", "Suspended", timeout=240)
+        # Suspending stops new runs, not the running one: wait for it to end.
+        k8s.wait("the last run to end", lambda: not k8s.status("replace").get("active"), timeout=240)
+        status = k8s.status("replace")
+    assert status["run"]["state"] == "Succeeded", status
+    assert status["chunks"] == qdrant_points(kube_cluster.pvc_dir(k8s.namespace, "qdrant-replace") / "store")
+    assert status["filesDone"] == status["filesTotal"]
+
+
+def test_deleting_an_importrun_removes_its_jobs_and_state(k8s, run_operator, small_corpus, embedded_importrun, claim):
+    source, _ = small_corpus
+    k8s.apply(claim("qdrant-gone"), embedded_importrun("gone", source))
+    with run_operator(k8s.namespace):
+        k8s.wait("the Job", lambda: k8s.jobs("gone"), timeout=60)
+        k8s.wait("the state ConfigMap", lambda: k8s.get("configmap", "gone-state-0"), timeout=60)
+        k8s.run("delete", "importrun", "gone", "--wait=true", "--timeout=60s")
+        k8s.wait("the Jobs to go", lambda: k8s.jobs("gone") == [], timeout=90)
+        k8s.wait("the state to go", lambda: k8s.get("configmap", "gone-state-0") is None, timeout=90)
+        k8s.wait("the Pods to go", lambda: k8s.get("pods", selector="reflection.dev/importrun=gone") == [], timeout=90)
