@@ -222,9 +222,7 @@ class _GraphBuilder:
 
     def weight(self, name: str, *, transpose: bool = False) -> str:
         """A checkpoint tensor as an initializer; PyTorch Linear weights are stored (out, in)."""
-        value = np.ascontiguousarray(
-            self.weights[name].T if transpose else self.weights[name], dtype=np.float32
-        )
+        value = np.ascontiguousarray(self.weights[name].T if transpose else self.weights[name], dtype=np.float32)
         return self.const(name, value)
 
     def linear(self, x: str, prefix: str) -> str:
@@ -257,9 +255,7 @@ def build_bert_onnx(config: dict[str, Any], weights: dict[str, np.ndarray]) -> o
         helper.make_tensor_value_info(name, TensorProto.INT64, dims)
         for name in ("input_ids", "attention_mask", "token_type_ids")
     ]
-    output = helper.make_tensor_value_info(
-        "last_hidden_state", TensorProto.FLOAT, [*dims, int(config["hidden_size"])]
-    )
+    output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [*dims, int(config["hidden_size"])])
     onnx_graph = helper.make_graph(graph.nodes, "bert", inputs, [output], graph.initializers)
     model = helper.make_model(
         onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="reflection-operator"
@@ -272,9 +268,7 @@ def build_bert_onnx(config: dict[str, Any], weights: dict[str, np.ndarray]) -> o
 def _embeddings(graph: _GraphBuilder, epsilon: float) -> str:
     """Word + position + token-type embeddings, then LayerNorm."""
     words = graph.op("Gather", graph.weight("embeddings.word_embeddings.weight"), "input_ids")
-    token_types = graph.op(
-        "Gather", graph.weight("embeddings.token_type_embeddings.weight"), "token_type_ids"
-    )
+    token_types = graph.op("Gather", graph.weight("embeddings.token_type_embeddings.weight"), "token_type_ids")
     # Positions 0..sequence-1, computed from the input's shape so any length up to 512 works.
     sequence_length = graph.op(
         "Gather", graph.op("Shape", "input_ids"), graph.const("const_axis_1", np.array(1, dtype=np.int64))
@@ -303,15 +297,11 @@ def _attention_mask(graph: _GraphBuilder) -> str:
     return graph.op("Unsqueeze", scaled, graph.const("const_mask_axes", np.array([1, 2], dtype=np.int64)))
 
 
-def _encoder_layer(
-    graph: _GraphBuilder, hidden: str, additive_mask: str, prefix: str, config: dict[str, Any]
-) -> str:
+def _encoder_layer(graph: _GraphBuilder, hidden: str, additive_mask: str, prefix: str, config: dict[str, Any]) -> str:
     epsilon = float(config["layer_norm_eps"])
     attended = _self_attention(graph, hidden, additive_mask, prefix, config)
     projected = graph.linear(attended, f"{prefix}.attention.output.dense")
-    hidden = graph.layer_norm(
-        graph.op("Add", projected, hidden), f"{prefix}.attention.output.LayerNorm", epsilon
-    )
+    hidden = graph.layer_norm(graph.op("Add", projected, hidden), f"{prefix}.attention.output.LayerNorm", epsilon)
     if config["hidden_act"] != "gelu":
         raise ValueError(f"unsupported activation {config['hidden_act']!r}")
     intermediate = _gelu(graph, graph.linear(hidden, f"{prefix}.intermediate.dense"))
@@ -319,9 +309,7 @@ def _encoder_layer(
     return graph.layer_norm(graph.op("Add", output, hidden), f"{prefix}.output.LayerNorm", epsilon)
 
 
-def _self_attention(
-    graph: _GraphBuilder, hidden: str, additive_mask: str, prefix: str, config: dict[str, Any]
-) -> str:
+def _self_attention(graph: _GraphBuilder, hidden: str, additive_mask: str, prefix: str, config: dict[str, Any]) -> str:
     heads = int(config["num_attention_heads"])
     head_size = int(config["hidden_size"]) // heads
     # Reshape (batch, sequence, hidden) → (batch, sequence, heads, head_size); 0 keeps a dimension.

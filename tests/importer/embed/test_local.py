@@ -93,7 +93,7 @@ async def test_embedding_does_not_block_the_event_loop(embedder: LocalEmbedder) 
             ticks.append(time.perf_counter())
             await asyncio.sleep(0.01)
 
-    chunks = [f"log line {n}: the container exceeded its memory limit. " * 18 for n in range(96)]
+    chunks = [f"log line {n}: the container exceeded its memory limit. " * 18 for n in range(48)]
     ticking = asyncio.create_task(ticker())
     started = time.perf_counter()
     await embedder.embed(chunks)
@@ -152,17 +152,13 @@ def test_max_chars_chunks_fit_the_model_window(embedder: LocalEmbedder, tmp_path
         capture_output=True,
     )
     size = embedder.max_chars
-    windows = [
-        text[i : i + size] for text in corpus_texts(tmp_path) for i in range(0, len(text) - size + 1, size)
-    ]
+    windows = [text[i : i + size] for text in corpus_texts(tmp_path) for i in range(0, len(text) - size + 1, size)]
     assert len(windows) > 500
     fitting = sum(embedder.count_tokens(window) <= MAX_TOKENS for window in windows)
     assert fitting / len(windows) >= 0.99
 
 
-def test_loading_and_embedding_never_touch_the_network(
-    model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_loading_and_embedding_never_touch_the_network(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"network access attempted: {args}")
 
