@@ -8,7 +8,7 @@ so their ratio holds even on a noisy machine where the absolute numbers do not.
 
 1. throughput: make ``--sessions`` sessions with ../shared/corpus/make_corpus.py; chunk them with the
    importer's own parser and chunker; embed those chunk texts with fastembed directly (one thread
-   calling ``TextEmbedding.embed`` with the default batch size: the raw speed of the model here); then
+   calling ``TextEmbedding.embed`` with the importer's batch size: the raw speed of the model here); then
    run ``python -m importer run`` on the tree into an embedded Qdrant and compare chunks per second.
 2. memory over a long run (``--long-sessions``, 0 to skip): RSS of the importer sampled every second;
    the median of the first and of the last quarter of the samples.
@@ -64,8 +64,9 @@ def chunk_texts(root: Path, settings: Settings) -> list[str]:
     return texts
 
 
-def raw_fastembed(texts: list[str], threads: int) -> dict[str, float]:
-    """fastembed alone: its default batch size, one calling thread, texts in file order."""
+def raw_fastembed(texts: list[str], threads: int, batch_size: int) -> dict[str, float]:
+    """fastembed alone, one calling thread, texts in file order, the importer's batch size (fastembed's own
+    default of 256 is slower here and takes gigabytes)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     from fastembed import TextEmbedding
 
@@ -75,7 +76,7 @@ def raw_fastembed(texts: list[str], threads: int) -> dict[str, float]:
     model = TextEmbedding(DEFAULT_MODEL, specific_model_path=str(folder), threads=threads, local_files_only=True)
     list(model.embed(texts[:64]))  # warm up
     started = time.perf_counter()
-    count = sum(1 for _ in model.embed(texts))
+    count = sum(1 for _ in model.embed(texts, batch_size=batch_size))
     seconds = time.perf_counter() - started
     return {"chunks": count, "seconds": seconds, "chunks_per_s": count / seconds}
 
@@ -128,7 +129,7 @@ def throughput(args: argparse.Namespace, base: Path) -> None:
     texts = chunk_texts(root, settings)
     print(f"corpus: {manifest['files']} files, {manifest['bytes'] / 2**20:.0f} MiB, {len(texts)} chunks")
 
-    raw = raw_fastembed(texts, threads=args.threads)
+    raw = raw_fastembed(texts, threads=args.threads, batch_size=settings.batch_size)
     print(f"raw fastembed:  {raw['chunks_per_s']:7.1f} chunks/s  ({raw['chunks']} chunks in {raw['seconds']:.1f} s)")
 
     with tempfile.TemporaryDirectory(dir=base) as work:

@@ -32,6 +32,8 @@ from importer.state.file import LEGACY
 log = logging.getLogger(__name__)
 
 HEAD_BYTES = 4096
+#: Chunks gathered before embedding and sorted by length, so each batch pads to a similar length.
+SORT_WINDOW = 128
 _YIELD_EVERY_LINES = 200
 
 
@@ -183,7 +185,7 @@ class Importer:
         files = self._files = discover(self.root, self.options.shard_index, self.options.shard_count)
         if self.progress is not None:
             self.progress.reset(total=len(files))
-        to_embed: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=self.embedder.batch_size * 8)
+        to_embed: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=2 * SORT_WINDOW)
         to_upsert: asyncio.Queue[tuple[list[Item], list[Any]] | None] = asyncio.Queue(maxsize=2)
         stages = [
             asyncio.create_task(self._read(files, to_embed), name="read"),
@@ -363,7 +365,7 @@ class Importer:
         inbox: asyncio.Queue[Item | None],
         out: asyncio.Queue[tuple[list[Item], list[Any]] | None],
     ) -> None:
-        window = self.embedder.batch_size * 4
+        window = max(SORT_WINDOW, self.embedder.batch_size)
         finished = False
         while not finished:
             items: list[Item] = []
