@@ -130,11 +130,19 @@ async def importrun_loop(
 
     follower = Follower(ctx, body, views, post)
     waker = ctx.wakers.setdefault(key, asyncio.Event())
+    relay = asyncio.create_task(_wake_when_stopped(stopped, waker))
     try:
         await follow(follower, waker, lambda: bool(stopped), logger)
     finally:
+        relay.cancel()
         if ctx.wakers.get(key) is waker:
             del ctx.wakers[key]
+
+
+async def _wake_when_stopped(stopped: kopf.DaemonStopped, waker: asyncio.Event) -> None:
+    """A deleted ImportRun or a stopping operator ends the loop at once, not at its next wake-up."""
+    await stopped.wait()
+    waker.set()
 
 
 @kopf.on.update(*IMPORTRUNS, field="spec")

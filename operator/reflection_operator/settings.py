@@ -28,7 +28,7 @@ class Settings:
     #: Namespaces to watch; empty means every namespace.
     namespaces: tuple[str, ...] = ()
     #: Container limits when an ImportRun's spec.resources leaves them out.
-    default_memory: str = "512Mi"
+    default_memory: str = "1Gi"
     default_cpu: str = "1"
     #: Below these the importer cannot even load its model: such specs are refused as invalid.
     min_memory: Mapping[str, str] = field(default_factory=lambda: {"fastembed": "128Mi", "voyage": "64Mi"})

@@ -25,7 +25,7 @@ def test_defaults(make_world):
     assert not problems and spec is not None
     assert spec.embedding.provider == "fastembed"
     assert spec.schedule is None and spec.concurrency_policy == "Forbid" and not spec.suspend
-    assert (spec.resources.memory, spec.resources.cpu) == (512 << 20, "1")  # from the operator's settings
+    assert (spec.resources.memory, spec.resources.cpu) == (1 << 30, "1")  # from the operator's settings
     assert (spec.memory_retry.factor, spec.memory_retry.max_memory, spec.memory_retry.max_attempts) == (1.5, 2 << 30, 3)
     assert (spec.failure_retry.max_retries, spec.failure_retry.backoff_seconds) == (2, 10)
     assert (spec.successful_runs_history_limit, spec.failed_runs_history_limit) == (3, 1)
