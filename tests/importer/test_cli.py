@@ -10,12 +10,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from qdrant_client import QdrantClient
 
 from importer.settings import EXIT_FATAL, EXIT_INTERRUPTED
+from importer.state.configmap import ConfigMapStateStore
 
 REPO = Path(__file__).resolve().parents[2]
 Corpus = Callable[..., tuple[Path, dict[str, Any]]]
@@ -31,7 +34,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def _state_files(path: Path) -> dict[str, Any]:
-    files: dict[str, Any] = json.loads(path.read_text())["files"]
+    files: dict[str, Any] = json.loads(path.read_text())["files"] if path.exists() else {}
     return files
 
 
@@ -100,7 +103,7 @@ def _start(root: Path, tmp_path: Path) -> subprocess.Popen[str]:
 def _wait_for_first_checkpoint(state: Path, process: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if state.exists() and _state_files(state):
+        if _state_files(state):
             return
         assert process.poll() is None, process.communicate()
         time.sleep(0.05)
@@ -130,22 +133,54 @@ def test_sigterm_finishes_the_batch_in_flight_saves_and_exits(
     assert sum(f["messages"] for f in files.values()) == manifest["text_messages"]
 
 
+@pytest.fixture(params=["file", "configmap"])
+def state_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StateBackend:
+    """Where a run keeps its state: a local file, or ConfigMaps on the real kube-apiserver."""
+    if request.param == "file":
+        return StateBackend(["--state-file", str(tmp_path / "s.json")], {}, lambda: _state_files(tmp_path / "s.json"))
+    cluster = request.getfixturevalue("kube_cluster")
+    namespace = request.getfixturevalue("namespace")
+    env = {"KUBECONFIG": str(cluster.kubeconfig)}
+
+    def load() -> dict[str, Any]:
+        store = ConfigMapStateStore.from_environment("killed-state", namespace)
+        return {k: v.to_json() for k, v in store.load().items()}
+
+    args = ["--state-configmap", "killed-state", "--namespace", namespace, "--run-name", "killed"]
+    return StateBackend(args, env, load)
+
+
+@dataclass
+class StateBackend:
+    args: list[str]
+    env: dict[str, str]
+    load: Callable[[], dict[str, Any]]
+
+
 def test_killed_mid_run_and_restarted_imports_every_record_once(
-    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path, state_backend: StateBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    for name, value in state_backend.env.items():
+        monkeypatch.setenv(name, value)
     root, manifest = make_corpus(files=60, profile="small", seed=24)
-    process = _start(root, tmp_path)
-    _wait_for_first_checkpoint(tmp_path / "s.json", process)
+    command = _importer(
+        "run", "--source", str(root), "--qdrant-path", str(tmp_path / "q"), "--json", "--checkpoint-seconds", "0",
+        *state_backend.args,
+    )  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not state_backend.load():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.1)
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
+    assert len(state_backend.load()) < len(manifest["entries"])
 
-    resumed = _run(
-        "run", "--source", str(root), "--qdrant-path", str(tmp_path / "q"), "--state-file", str(tmp_path / "s.json"),
-        "--json",
-    )  # fmt: skip
+    resumed = _run("run", "--source", str(root), "--qdrant-path", str(tmp_path / "q"), "--json", *state_backend.args)
     assert resumed.returncode == 0, resumed.stderr
-    files = _state_files(tmp_path / "s.json")
+    files = state_backend.load()
     assert sorted(files) == sorted(e["path"] for e in manifest["entries"])
     assert sum(f["messages"] for f in files.values()) == manifest["text_messages"]
     # deterministic ids: what the killed run wrote was overwritten, not duplicated
