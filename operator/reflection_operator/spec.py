@@ -282,7 +282,7 @@ class _Reader:
             self.problem("spec.tuning.operationalMemoryFraction", f"{fraction} must be in (0, 1]")
         settle, checkpoint = section.get("settleSeconds"), section.get("checkpointSeconds")
         return TuningSpec(
-            batch_size=self.integer(section, "spec.tuning.batchSize", 32, minimum=1),
+            batch_size=self.integer(section, "spec.tuning.batchSize", 8, minimum=1),
             thread_pool_workers=self.integer(section, "spec.tuning.threadPoolWorkers", 2, minimum=1),
             chunk_messages=self.integer(section, "spec.tuning.chunkMessages", 5, minimum=1),
             operational_memory_fraction=fraction,
