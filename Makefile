@@ -33,6 +33,7 @@ check: lint typecheck  ## lint and type-check
 
 bench:  ## run the benchmarks (prints numbers)
 	$(PY) bench/importer_bench.py
+	$(PY) bench/operator_bench.py
 
 cluster:  ## start the local Kubernetes control plane and print the KUBECONFIG to export
 	$(PY) -m localcluster up
