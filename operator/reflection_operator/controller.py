@@ -37,6 +37,10 @@ Logger = logging.Logger | logging.LoggerAdapter[Any]
 EventPoster = Callable[[EventNote], None]
 
 
+class JobRejected(Exception):
+    """The API server refused a Job built from the spec: a problem with the spec, not a reason to retry."""
+
+
 @dataclass
 class Context:
     """What every ImportRun's loop shares: settings, the API client, metrics, the wake-up registry."""
@@ -77,6 +81,9 @@ class Follower:
         self.owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
         # The status this loop wrote last: the only writer of the status, it need not wait for the echo.
         self.status: dict[str, Any] = dict(body.get("status") or {})
+        # The API server refused a Job built from this generation of the spec (e.g. a volume source
+        # the schema lets through): reported as a spec problem until the spec changes.
+        self.rejection: tuple[int, Problem] | None = None
 
     async def reconcile(self, logger: Logger) -> float | None:
         """One look at the ImportRun; returns seconds until it wants to look again (None: only on news)."""
@@ -87,7 +94,11 @@ class Follower:
             if missing:
                 plan = decide(replace(observed, problems=missing))
                 plan.wake_within(DEPENDENCY_RECHECK_SECONDS)
-        await self.carry_out(plan, observed, logger)
+        try:
+            await self.carry_out(plan, observed, logger)
+        except JobRejected as rejected:
+            logger.warning("%s", rejected)
+            return 0.0  # decide again at once, with the rejection as a spec problem
         return plan.requeue_after
 
     def observe(self, now: datetime) -> Observed:
@@ -95,11 +106,17 @@ class Follower:
         raw_spec = dict(self.body.get("spec") or {})
         spec, problems = parse_spec(raw_spec, self.ctx.settings)
         problems = name_problems(self.owner.name) + problems
+        generation = int(meta.get("generation") or 0)
+        if self.rejection is not None:
+            if self.rejection[0] == generation:
+                problems.append(self.rejection[1])
+            else:
+                self.rejection = None  # the spec changed: try again
         jobs, pods, summary = self.views.of((self.owner.namespace, self.owner.name))
         return Observed(
             now=now,
             owner=self.owner,
-            generation=int(meta.get("generation") or 0),
+            generation=generation,
             created=parse_time(meta.get("creationTimestamp")) or now,
             raw_spec=raw_spec,
             spec=spec,
@@ -127,6 +144,10 @@ class Follower:
                 await kube.create(jobs_path(namespace), manifest)
                 logger.info("created Job %s", item.request.name)
             except KubeError as error:
+                if error.status in (400, 422):
+                    message = f"the API server refused the Job: {error.message}"
+                    self.rejection = (observed.generation, Problem("spec", "JobRejected", message))
+                    raise JobRejected(message) from error
                 if not error.already_exists:
                     raise
                 logger.info("Job %s exists already: adopting it", item.request.name)

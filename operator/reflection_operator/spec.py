@@ -17,6 +17,41 @@ from .schedule import CronSchedule, ScheduleError, parse_zone
 from .settings import Settings
 
 PROVIDERS = ("fastembed", "voyage")
+#: core/v1 VolumeSource's fields. The API server turns a volume without a known one into an emptyDir, so a
+#: misspelt source would silently import nothing: it is refused here instead.
+VOLUME_SOURCES = frozenset(
+    {
+        "awsElasticBlockStore",
+        "azureDisk",
+        "azureFile",
+        "cephfs",
+        "cinder",
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "fc",
+        "flexVolume",
+        "flocker",
+        "gcePersistentDisk",
+        "gitRepo",
+        "glusterfs",
+        "hostPath",
+        "iscsi",
+        "nfs",
+        "persistentVolumeClaim",
+        "photonPersistentDisk",
+        "portworxVolume",
+        "projected",
+        "quobyte",
+        "rbd",
+        "scaleIO",
+        "secret",
+        "storageos",
+        "vsphereVolume",
+    }
+)
 CONCURRENCY_POLICIES = ("Forbid", "Replace")
 
 
@@ -299,6 +334,10 @@ class _Reader:
             return None
         if not isinstance(value, Mapping) or len(value) != 1:
             self.problem(field, "must name exactly one volume source (e.g. persistentVolumeClaim: {claimName: x})")
+            return None
+        (kind,) = value
+        if kind not in VOLUME_SOURCES:
+            self.problem(field, f"{kind!r} is not a core/v1 volume source")
             return None
         return dict(value)
 

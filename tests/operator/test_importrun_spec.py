@@ -54,6 +54,7 @@ def test_defaults(make_world):
             "InvalidSpec",
         ),
         ({"source": {}}, "spec.source.volume", "InvalidSpec"),
+        ({"source": {"volume": {"persistentVolume": {"claimName": "x"}}}}, "spec.source.volume", "InvalidSpec"),
         ({"concurrencyPolicy": "Allow"}, "spec.concurrencyPolicy", "InvalidSpec"),
         ({"parallelism": 0}, "spec.parallelism", "InvalidSpec"),
     ],

@@ -3,6 +3,7 @@ the real importer as a process, embedded Qdrant stores on claim folders."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from kubernetes import client
@@ -252,3 +253,27 @@ def test_deleting_an_importrun_removes_its_jobs_and_state(k8s, run_operator, sma
         k8s.wait("the Jobs to go", lambda: k8s.jobs("gone") == [], timeout=90)
         k8s.wait("the state to go", lambda: k8s.get("configmap", "gone-state-0") is None, timeout=90)
         k8s.wait("the Pods to go", lambda: k8s.get("pods", selector="reflection.dev/importrun=gone") == [], timeout=90)
+
+
+def test_a_job_the_api_server_refuses_sets_ready_false_until_the_spec_changes(
+    k8s, run_operator, small_corpus, embedded_importrun, claim
+):
+    """Some volume settings are only refused when the Job is made (here a hostPath with '..')."""
+    source, _ = small_corpus
+    crooked = embedded_importrun("refused", source)
+    crooked["spec"]["source"] = {"volume": {"hostPath": {"path": f"{source}/../{source.name}"}}}
+    k8s.apply(claim("qdrant-refused"), crooked)
+    with run_operator(k8s.namespace):
+
+        def not_ready():
+            conditions = k8s.status("refused").get("conditions") or []
+            return next((c for c in conditions if c["type"] == "Ready" and c["status"] == "False"), None)
+
+        ready = k8s.wait("Ready=False", not_ready, timeout=60)
+        assert ready["reason"] == "JobRejected" and "hostPath" in ready["message"]
+        assert "JobRejected" in k8s.event_reasons("refused")
+        assert k8s.jobs("refused") == []
+        fixed = {"spec": {"suspend": True, "source": {"volume": {"hostPath": {"path": str(source)}}}}}
+        k8s.run("patch", "importrun", "refused", "--type=merge", "-p", json.dumps(fixed))
+        k8s.wait_phase("refused", "Suspended", timeout=60)
+        assert next(c for c in k8s.status("refused")["conditions"] if c["type"] == "Ready")["status"] == "True"
