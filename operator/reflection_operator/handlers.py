@@ -129,7 +129,8 @@ async def importrun_loop(
         kopf.event(body, type=note.type, reason=note.reason, message=note.message[:1024])
 
     follower = Follower(ctx, body, views, post)
-    waker = ctx.wakers.setdefault(key, asyncio.Event())
+    # A fresh waker even if a deleted namesake's loop is still ending: that one must not take our wake-ups.
+    waker = ctx.wakers[key] = asyncio.Event()
     relay = asyncio.create_task(_wake_when_stopped(stopped, waker))
     try:
         await follow(follower, waker, lambda: bool(stopped), logger)
