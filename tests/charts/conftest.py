@@ -1,0 +1,122 @@
+"""Fixtures for the chart, manifests, examples and image tests.
+
+(pytest runs with --import-mode=importlib, so helpers reach the tests as fixtures, not imports.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from localcluster.cluster import helm_binary
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "reflection-operator"
+CRD = CHART / "crds" / "importruns.reflection.dev.yaml"
+MAKE_CORPUS = Path(os.environ.get("REFLECTION_SHARED", REPO.parent / "shared")) / "corpus" / "make_corpus.py"
+
+
+class Helm:
+    """The real helm binary; against the local cluster when one is given."""
+
+    def __init__(self, cluster: Any = None) -> None:
+        self.cluster = cluster
+
+    def run(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        env = self.cluster.helm_env() if self.cluster is not None else None
+        result = subprocess.run(
+            [str(helm_binary()), *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def template(self, *values: str, release: str = "ro", namespace: str = "demo") -> list[dict[str, Any]]:
+        """The chart rendered with ``--set`` values: its objects (CRDs are not among them)."""
+        sets = [arg for value in values for arg in ("--set", value)]
+        output = self.run("template", release, str(CHART), "--namespace", namespace, *sets).stdout
+        return [doc for doc in yaml.safe_load_all(output) if doc]
+
+
+@pytest.fixture(scope="session")
+def helm() -> Helm:
+    """helm without a cluster (template, lint)."""
+    return Helm()
+
+
+@pytest.fixture(scope="session")
+def cluster_helm(kube_cluster: Any) -> Helm:
+    """helm against the local control plane."""
+    return Helm(kube_cluster)
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(matches) == 1, (
+        f"{len(matches)} {kind} {name or ''} in {[(o['kind'], o['metadata']['name']) for o in objects]}"
+    )
+    return matches[0]
+
+
+@pytest.fixture(name="find")
+def find_fixture() -> Callable[..., dict[str, Any]]:
+    return find
+
+
+@pytest.fixture(scope="session")
+def chart_crd(kube_cluster: Any) -> Path:
+    """The ImportRun CRD on the apiserver (from the chart, its single source), established."""
+    kube_cluster.kubectl_run("apply", "-f", str(CRD), check=True)
+    kube_cluster.kubectl_run(
+        "wait", "--for=condition=established", "--timeout=60s", "crd/importruns.reflection.dev", check=True
+    )
+    return CRD
+
+
+@pytest.fixture(scope="session")
+def logs_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A volume's root holding a generated conversation tree in its folder "projects" (the examples' subPath)."""
+    root = tmp_path_factory.mktemp("chart-logs")
+    subprocess.run(
+        [sys.executable, str(MAKE_CORPUS), str(root / "projects"), "--files", "6", "--profile", "small"],
+        check=True,
+        capture_output=True,
+    )
+    return root
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 120, interval: float = 0.5) -> Any:
+    """Polls ``check`` until it returns something truthy; fails after ``timeout`` naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+@pytest.fixture(name="wait_for")
+def wait_for_fixture() -> Callable[..., Any]:
+    return wait_for
+
+
+def kubectl_json(cluster: Any, *args: str) -> Any:
+    result = cluster.kubectl_run(*args, "-o", "json")
+    if result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(name="kubectl_json")
+def kubectl_json_fixture() -> Callable[..., Any]:
+    return kubectl_json
