@@ -74,7 +74,7 @@ def test_embedded_qdrant_and_voyage_are_valid(make_world):
         make_world.base_spec(
             qdrant={"path": "store", "volume": {"persistentVolumeClaim": {"claimName": "qdrant-data"}}},
             embedding={"provider": "voyage", "apiKeySecretRef": {"name": "voyage", "key": "api-key"}},
-            resources={"memory": "64Mi"},
+            resources={"memory": "128Mi"},
         ),
         SETTINGS,
     )
