@@ -1,7 +1,7 @@
 # Everyday commands. `make help` lists them.
 PY ?= .venv/bin/python
 
-.PHONY: help setup model sample test lint format typecheck check bench cluster cluster-down ci
+.PHONY: help setup model sample test lint format typecheck check bench cluster cluster-down ci manifests
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ cluster:  ## start the local Kubernetes control plane and print the KUBECONFIG t
 
 cluster-down:  ## stop the local control plane
 	$(PY) -m localcluster down
+
+manifests:  ## re-render manifests/ from the Helm chart
+	$(PY) scripts/render_manifests.py
 
 ci:  ## what CI runs
 	bash .ci/run
