@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from importer.chunk import Chunker  # noqa: E402
 from importer.embed.local import LOCAL_MAX_CHARS  # noqa: E402
 from importer.parse import ParseReport, read_messages  # noqa: E402
-from importer.pipeline import discover  # noqa: E402
+from importer.reader import discover  # noqa: E402
 from importer.settings import Settings  # noqa: E402
 
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from importer.embed.base import Embedder
 from importer.memory import memory_limit
 from importer.pipeline import Importer, RunOptions, RunStats
+from importer.reader import ReadLimits
 from importer.settings import Settings
 from importer.sink import QdrantSink
 from importer.state.base import StateStore
@@ -61,11 +62,14 @@ def make_store(settings: Settings) -> StateStore:
 
 def run_options(settings: Settings, embedder: Embedder) -> RunOptions:
     limit = memory_limit(settings.memory_limit)
-    return RunOptions(
+    limits = ReadLimits(
         chunk_messages=settings.chunk_messages,
         max_chunk_chars=settings.max_chunk_chars or embedder.max_chars,
         max_line_bytes=settings.max_line_bytes,
         settle_seconds=settings.settle_seconds,
+    )
+    return RunOptions(
+        limits=limits,
         checkpoint_seconds=settings.checkpoint_seconds,
         memory_budget=int(limit * settings.memory_fraction) if limit else None,
         shard_index=settings.shard_index,

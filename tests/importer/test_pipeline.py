@@ -11,7 +11,8 @@ from typing import Any
 
 from qdrant_client import QdrantClient, models
 
-from importer.pipeline import RunStats, discover
+from importer.pipeline import RunStats
+from importer.reader import discover
 from importer.runner import run_import, search
 from importer.settings import Settings
 from importer.state.base import FileState
