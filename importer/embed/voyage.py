@@ -248,14 +248,10 @@ class VoyageEmbedder:
         self.dimensions = self._dimensions_for(model, output_dimension)
         self._output_dimension = output_dimension
         self._max_retries = max_retries
-        self._token_budget = int(
-            REQUEST_TOKEN_LIMITS.get(model, DEFAULT_REQUEST_TOKEN_LIMIT) * TOKEN_BUDGET_SHARE
-        )
+        self._token_budget = int(REQUEST_TOKEN_LIMITS.get(model, DEFAULT_REQUEST_TOKEN_LIMIT) * TOKEN_BUDGET_SHARE)
         # Built from parts that exist in every tenacity >= 8.2 (``wait_exponential_jitter`` renamed its
         # argument in 9.x); the random part keeps parallel requests from retrying in lockstep.
-        self._backoff = wait_exponential(multiplier=backoff_initial, max=backoff_max) + wait_random(
-            0, backoff_initial
-        )
+        self._backoff = wait_exponential(multiplier=backoff_initial, max=backoff_max) + wait_random(0, backoff_initial)
         self._client = voyageai.AsyncClient(
             api_key=_resolve_api_key(api_key),
             max_retries=0,

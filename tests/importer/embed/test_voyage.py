@@ -125,9 +125,7 @@ async def test_splits_over_1000_texts_and_keeps_order(
     assert (first["model"], first["input_type"], first["truncation"]) == ("voyage-3-large", "document", True)
 
 
-async def test_token_heavy_batch_is_split_by_budget(
-    fake_voyage: FakeVoyageServer, make_embedder: MakeEmbedder
-) -> None:
+async def test_token_heavy_batch_is_split_by_budget(fake_voyage: FakeVoyageServer, make_embedder: MakeEmbedder) -> None:
     # 50 x 12,000 chars is 150k tokens by the fake's count: one request would be refused (120k cap).
     texts = [f"{i:04d}" + "word " * 2400 for i in range(50)]
     vectors = await make_embedder().embed(texts)
@@ -139,9 +137,7 @@ async def test_token_heavy_batch_is_split_by_budget(
         assert sum(estimate_tokens(t) for t in request.texts) <= 108_000
 
 
-async def test_query_uses_query_input_type(
-    fake_voyage: FakeVoyageServer, make_embedder: MakeEmbedder
-) -> None:
+async def test_query_uses_query_input_type(fake_voyage: FakeVoyageServer, make_embedder: MakeEmbedder) -> None:
     vector = await make_embedder().embed_query("how did we fix the flaky test?")
     assert vector == fake_vector("how did we fix the flaky test?", 1024)
     assert fake_voyage.requests[0].body["input_type"] == "query"
@@ -153,9 +149,7 @@ async def test_output_dimension_is_sent(fake_voyage: FakeVoyageServer, make_embe
     assert fake_voyage.requests[0].body["output_dimension"] == 256
 
 
-async def test_retry_after_then_503_then_success(
-    fake_voyage: FakeVoyageServer, make_embedder: MakeEmbedder
-) -> None:
+async def test_retry_after_then_503_then_success(fake_voyage: FakeVoyageServer, make_embedder: MakeEmbedder) -> None:
     fake_voyage.fail_next(FakeFailure(429, "slow down", retry_after="0.2"), FakeFailure(503))
     vectors = await make_embedder().embed(["a", "b"])
 
@@ -212,9 +206,7 @@ async def test_connection_refused_is_retried_then_reported(unused_port: int) -> 
         await embedder.aclose()
 
 
-async def test_empty_text_is_refused_before_sending(
-    fake_voyage: FakeVoyageServer, make_embedder: MakeEmbedder
-) -> None:
+async def test_empty_text_is_refused_before_sending(fake_voyage: FakeVoyageServer, make_embedder: MakeEmbedder) -> None:
     with pytest.raises(ValueError, match="position 1"):
         await make_embedder().embed(["a", ""])
     assert fake_voyage.requests == []
