@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -211,3 +212,40 @@ async def test_empty_text_is_refused_before_sending(fake_voyage: FakeVoyageServe
         await make_embedder().embed(["a", ""])
     assert fake_voyage.requests == []
     assert await make_embedder().embed([]) == []
+
+
+async def test_the_importer_runs_on_voyage_through_throttling(
+    fake_voyage: FakeVoyageServer, real_sessions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole importer with ``--provider voyage``: the service throttles, then fails once, then answers."""
+    from qdrant_client import QdrantClient
+
+    from importer.runner import run_import
+    from importer.settings import Settings
+
+    monkeypatch.setenv("VOYAGE_API_KEY", FAKE_API_KEY)
+    fake_voyage.fail_next(FakeFailure(429, retry_after="0.2"), FakeFailure(503))
+    source = tmp_path / "projects" / "-test"
+    source.mkdir(parents=True)
+    for path in real_sessions.glob("*.jsonl"):
+        (source / path.name).write_bytes(path.read_bytes())
+    settings = Settings(
+        source=source.parent,
+        qdrant_path=tmp_path / "qdrant",
+        state_file=tmp_path / "state.json",
+        provider="voyage",
+        voyage_base_url=fake_voyage.base_url,
+    )
+    settings.validate()
+    stats = await run_import(settings)
+    assert stats.files == 3 and stats.chunks > 0
+    assert len(fake_voyage.requests) >= 3  # the two failures were retried
+    client = QdrantClient(path=str(settings.qdrant_path))
+    try:
+        (collection,) = client.get_collections().collections
+        assert collection.name.endswith("_voyage")
+        info = client.get_collection(collection.name)
+        assert info.config.params.vectors.size == 1024  # type: ignore[union-attr]
+        assert client.count(collection.name, exact=True).count == stats.chunks
+    finally:
+        client.close()
