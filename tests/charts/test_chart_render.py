@@ -123,6 +123,13 @@ def test_operator_deployment_defaults(helm, find):
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
 
 
+def test_chart_defaults_are_the_operators_defaults(helm, find):
+    """With default values the operator runs exactly as with no settings at all (so the two cannot drift)."""
+    (container,) = find(helm.template(), "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("REFLECTION_")}
+    assert Settings.from_env(env) == Settings()
+
+
 def test_the_deployment_environment_is_what_the_operator_reads(helm, find):
     """Values reach the operator as REFLECTION_* variables its Settings accept, with the values meant."""
     objects = helm.template(
