@@ -365,3 +365,31 @@ def test_pods_sharing_an_embedded_qdrant_folder_run_one_at_a_time(
         assert finished_pod(kube_api, namespace, name)["status"]["phase"] == "Succeeded"
     spans = sorted(json.loads((tmp_path / f"{name}.json").read_text()) for name in ("first", "second"))
     assert spans[0][1] <= spans[1][0], f"runs overlapped: {spans}"
+
+
+def test_finished_jobs_are_deleted_after_their_ttl(kube_api: client.ApiClient, namespace: str) -> None:
+    """The TTLAfterFinished gate is on: the field is kept and the controller-manager deletes the Job."""
+    batch = client.BatchV1Api(kube_api)
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "short-lived"},
+        "spec": {
+            "ttlSecondsAfterFinished": 1,
+            "backoffLimit": 0,
+            "template": {
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x", "command": ["true"]}]}
+            },
+        },
+    }
+    created = batch.create_namespaced_job(namespace, job)
+    assert created.spec.ttl_seconds_after_finished == 1
+
+    def gone() -> bool | None:
+        try:
+            batch.read_namespaced_job("short-lived", namespace)
+        except ApiException as error:
+            return True if error.status == 404 else None
+        return None
+
+    wait_for("the finished Job to be deleted", gone, timeout=60)
