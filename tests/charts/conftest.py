@@ -20,7 +20,6 @@ from localcluster.cluster import helm_binary
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "reflection-operator"
-CRD = CHART / "crds" / "importruns.reflection.dev.yaml"
 MAKE_CORPUS = Path(os.environ.get("REFLECTION_SHARED", REPO.parent / "shared")) / "corpus" / "make_corpus.py"
 
 
@@ -69,16 +68,6 @@ def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> d
 @pytest.fixture(name="find")
 def find_fixture() -> Callable[..., dict[str, Any]]:
     return find
-
-
-@pytest.fixture(scope="session")
-def chart_crd(kube_cluster: Any) -> Path:
-    """The ImportRun CRD on the apiserver (from the chart, its single source), established."""
-    kube_cluster.kubectl_run("apply", "-f", str(CRD), check=True)
-    kube_cluster.kubectl_run(
-        "wait", "--for=condition=established", "--timeout=60s", "crd/importruns.reflection.dev", check=True
-    )
-    return CRD
 
 
 @pytest.fixture(scope="session")

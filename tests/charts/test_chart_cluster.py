@@ -86,7 +86,7 @@ def leftovers(kube_cluster: Any, kubectl_json: Any, namespace: str) -> list[tupl
 
 
 def test_helm_install_runs_an_importrun_then_upgrade_rolls_and_uninstall_cleans_up(
-    kube_cluster, cluster_helm, kubectl_json, wait_for, namespace, chart_crd, logs_tree, tmp_path
+    kube_cluster, cluster_helm, kubectl_json, wait_for, namespace, importrun_crd, logs_tree, tmp_path
 ):
     liveness, metrics = free_port(), free_port()
     install = cluster_helm.run(
@@ -163,7 +163,7 @@ def test_helm_install_runs_an_importrun_then_upgrade_rolls_and_uninstall_cleans_
 
 
 @pytest.mark.parametrize("scope", ["cluster", "namespace"])
-def test_helm_template_is_accepted_by_the_apiserver(kube_cluster, cluster_helm, namespace, chart_crd, scope):
+def test_helm_template_is_accepted_by_the_apiserver(kube_cluster, cluster_helm, namespace, importrun_crd, scope):
     """Everything the chart can render but the ServiceMonitor (no Prometheus Operator CRDs here)."""
     rendered = cluster_helm.run(
         "template", "dry", str(CHART), "--namespace", namespace, "--set", f"scope={scope}",
@@ -189,7 +189,7 @@ def is_subset(small: Any, big: Any) -> bool:
     "name",
     ["importrun-once.yaml", "importrun-scheduled.yaml", "importrun-voyage.yaml", "logs-pvc.yaml", "logs-copy-pod.yaml"],
 )
-def test_examples_are_accepted_without_losing_a_field(kube_cluster, namespace, chart_crd, name):
+def test_examples_are_accepted_without_losing_a_field(kube_cluster, namespace, importrun_crd, name):
     """The apiserver takes each example as it is; for ImportRuns no field is pruned as unknown to the CRD."""
     result = kube_cluster.kubectl_run(
         "-n", namespace, "apply", "--dry-run=server", "-f", str(EXAMPLES / name), "-o", "json"
@@ -203,7 +203,7 @@ def test_examples_are_accepted_without_losing_a_field(kube_cluster, namespace, c
             assert is_subset(sent["spec"], got["spec"]), (sent["spec"], got["spec"])
 
 
-def test_kubectl_apply_of_the_manifests_installs_a_running_operator(kube_cluster, kubectl_json, wait_for, chart_crd):
+def test_kubectl_apply_of_the_manifests_installs_a_running_operator(kube_cluster, kubectl_json, wait_for, importrun_crd):
     manifests = REPO / "manifests"
     applied = kube_cluster.kubectl_run("apply", "-f", str(manifests))
     try:

@@ -164,18 +164,7 @@ def request_for_fixture() -> Any:
 # -- against the local control plane --------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_PATH = REPO / "charts" / "reflection-operator" / "crds" / "importruns.reflection.dev.yaml"
 MAKE_CORPUS = Path(os.environ.get("REFLECTION_SHARED", REPO.parent / "shared")) / "corpus" / "make_corpus.py"
-
-
-@pytest.fixture(scope="session")
-def importrun_crd(kube_cluster: Any) -> Path:
-    """The CRD, applied from the chart (its single source) once per session."""
-    kube_cluster.kubectl_run("apply", "-f", str(CRD_PATH), check=True)
-    kube_cluster.kubectl_run(
-        "wait", "--for=condition=established", "--timeout=60s", "crd/importruns.reflection.dev", check=True
-    )
-    return CRD_PATH
 
 
 @pytest.fixture(scope="session")
