@@ -77,7 +77,10 @@ def _prepare_model(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from importer.memory import limit_malloc_arenas
     from importer.runner import run_import
+
+    limit_malloc_arenas()  # before the embedding threads start
 
     settings = settings_module.from_arguments(args)
     settings.validate()

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,21 +53,39 @@ class PeakRss:
         return current
 
 
-def _load_malloc_trim() -> Any:
+def _load_glibc() -> Any:
     name = ctypes.util.find_library("c")
     if not name:
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - both exist only in glibc
+    except (OSError, AttributeError):
         return None
+    return libc
 
 
-_malloc_trim = _load_malloc_trim()
+_libc = _load_glibc()
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number for the arena limit
+
+
+def limit_malloc_arenas(environ: dict[str, str] | None = None, default: int = 2) -> None:
+    """Honour ``MALLOC_ARENA_MAX``, or apply ``default`` when it is unset (laptop runs).
+
+    glibc gives each thread that allocates its own arena (up to 8 per core), and memory freed in one
+    is not reused by the others: with embedding threads the heap only grows. glibc reads the variable
+    itself at start; ``mallopt`` sets the same limit for a process started without it.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    if "MALLOC_ARENA_MAX" in environ or _libc is None:
+        return
+    _libc.mallopt(_M_ARENA_MAX, default)
 
 
 def release_memory() -> None:
     """Collect garbage and return freed heap pages to the system (glibc keeps them otherwise)."""
     gc.collect()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    if _libc is not None:
+        _libc.malloc_trim(0)
