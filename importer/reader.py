@@ -100,6 +100,7 @@ def project_name(cwd: str, rel: str) -> str:
 
 
 def head_hash(path: Path, size: int) -> tuple[str, int]:
+    """A digest of the file's first ``size`` bytes (at most HEAD_BYTES), and how many it covers."""
     covered = min(size, HEAD_BYTES)
     with path.open("rb") as fh:
         return hashlib.sha256(fh.read(covered)).hexdigest()[:16], covered
@@ -133,7 +134,9 @@ class FileReader:
             yield FileDone(rel, old, 0, 0, Counter(), outcome="unchanged")
             return
         digest, covered = head_hash(path, stat.st_size)
-        rewritten = old is not None and (stat.st_size < old.consumed or old.head_hash != _head_of(path, old))
+        rewritten = old is not None and (
+            stat.st_size < old.consumed or old.head_hash != head_hash(path, old.head_size)[0]
+        )
         if old is None or rewritten:
             if old is not None and old.project:
                 yield DeleteFile(self.collection_for(old.project), rel)
@@ -250,8 +253,3 @@ class _ChunkContext:
     project: str
     branch: str
     sidechain: bool
-
-
-def _head_of(path: Path, old: FileState) -> str:
-    with path.open("rb") as fh:
-        return hashlib.sha256(fh.read(old.head_size)).hexdigest()[:16]
