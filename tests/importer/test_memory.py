@@ -32,4 +32,3 @@ def test_releasing_memory_returns_freed_heap_pages_to_the_system() -> None:
     release_memory()
     assert peak.sample() < grown - (60 << 20)
     assert len(pinned) == 1000 and peak.peak >= grown
-
