@@ -211,7 +211,9 @@ def test_a_schedule_fires_and_forbid_skips_while_a_run_is_active(
     k8s, run_operator, small_corpus, embedded_importrun, claim
 ):
     source, _ = small_corpus
-    k8s.apply(claim("qdrant-every"), embedded_importrun("every", source, schedule="*/4 * * * * *"))
+    # Every second: shorter than any run (the importer alone takes longer to start and load its model),
+    # so a run is still active when the next is due.
+    k8s.apply(claim("qdrant-every"), embedded_importrun("every", source, schedule="* * * * * *"))
     with run_operator(k8s.namespace):
         k8s.wait("a run skipped", lambda: "RunSkipped" in k8s.event_reasons("every"), timeout=120)
         status = k8s.status("every")
@@ -230,7 +232,8 @@ def test_replace_stops_the_active_run_and_the_next_resumes(
     source, _ = small_corpus
     k8s.apply(
         claim("qdrant-replace"),
-        embedded_importrun("replace", source, schedule="*/5 * * * * *", concurrencyPolicy="Replace"),
+        # Every second: shorter than any run, so each run is still active when the next is due.
+        embedded_importrun("replace", source, schedule="* * * * * *", concurrencyPolicy="Replace"),
     )
     with run_operator(k8s.namespace):
         k8s.wait("a run replaced", lambda: "RunReplaced" in k8s.event_reasons("replace"), timeout=120)

@@ -82,22 +82,22 @@ def test_a_job_not_in_the_status_is_adopted_not_duplicated():
 
 
 def test_oom_kill_retries_with_more_memory_then_gives_up_naming_the_limits():
-    world = World(base_spec(resources={"memory": "200Mi"}, memoryRetry={"factor": 1.5, "maxAttempts": 3}))
+    world = World(base_spec(resources={"memory": "400Mi"}, memoryRetry={"factor": 1.5, "maxAttempts": 3}))
     world.step()
     world.end_pod(f"nightly-{RUN0}-1-0", 137, "OOMKilled")
     plan = world.step()
     assert [c.request.name for c in plan.create] == [f"nightly-{RUN0}-2-0"]
-    assert plan.create[0].request.memory == 300 << 20
+    assert plan.create[0].request.memory == 600 << 20
     assert not plan.reset_summary  # a retry resumes: the summary stays
     assert reasons(plan) == ["OOMKilled", "AttemptStarted"] and plan.counters == ["oom_retries"]
-    assert world.status["memory"] == "300Mi" and world.status["attempt"] == 2
+    assert world.status["memory"] == "600Mi" and world.status["attempt"] == 2
     assert world.status["lastFailure"]["reason"] == "OOMKilled"
-    assert "300Mi" in world.status["lastFailure"]["message"]
+    assert "600Mi" in world.status["lastFailure"]["message"]
     assert condition(world.status, "MemoryRaised")["status"] == "True"
 
     world.end_pod(f"nightly-{RUN0}-2-0", 86)  # the importer's own memory-budget exit
     plan = world.step()
-    assert plan.create[0].request.memory == 450 << 20
+    assert plan.create[0].request.memory == 900 << 20
     assert world.status["lastFailure"]["reason"] == "MemoryBudgetExceeded"
 
     world.end_pod(f"nightly-{RUN0}-3-0", 137, "OOMKilled")
@@ -105,7 +105,7 @@ def test_oom_kill_retries_with_more_memory_then_gives_up_naming_the_limits():
     assert not plan.create and plan.counters == ["failed"]
     assert world.status["phase"] == "Failed"
     message = world.status["lastFailure"]["message"]
-    assert "200Mi, 300Mi, 450Mi" in message and "maxAttempts=3" in message
+    assert "400Mi, 600Mi, 900Mi" in message and "maxAttempts=3" in message
 
 
 def test_oom_at_max_memory_fails_at_once():
