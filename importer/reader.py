@@ -18,9 +18,8 @@ from typing import Any
 
 from importer.chunk import Chunk, Chunker
 from importer.parse import ParseReport, is_settled, read_messages
-from importer.sink import point_id
-from importer.state.base import FileState
-from importer.state.file import LEGACY
+from importer.points import point_id
+from importer.state.base import LEGACY, FileState
 
 log = logging.getLogger(__name__)
 

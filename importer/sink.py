@@ -6,9 +6,7 @@ Python that would otherwise block the event loop, and a server's HTTP calls then
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,25 +23,16 @@ from tenacity import (
 )
 from tenacity import Retrying as _Retrying
 
+from importer.points import collection_name
+
 log = logging.getLogger(__name__)
 
-#: Namespace of the point ids: uuid5(namespace, "<stream>:<chunk index>").
-POINT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://reflection.dev/conversation-chunk")
 INDEXED_FIELDS: dict[str, models.PayloadSchemaType] = {
     "conversation_id": models.PayloadSchemaType.KEYWORD,
     "project": models.PayloadSchemaType.KEYWORD,
     "timestamp": models.PayloadSchemaType.DATETIME,
     "source": models.PayloadSchemaType.KEYWORD,
 }
-
-
-def collection_name(project: str, provider_suffix: str) -> str:
-    return f"conv_{hashlib.md5(project.encode()).hexdigest()[:8]}_{provider_suffix}"
-
-
-def point_id(stream: str, chunk_index: int) -> str:
-    """The same chunk of the same conversation always gets the same id: re-runs never duplicate."""
-    return str(uuid.uuid5(POINT_NAMESPACE, f"{stream}:{chunk_index}"))
 
 
 class QdrantUnavailable(RuntimeError):

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
+#: Status of an entry migrated from the older importer's state file (points written by that importer);
+#: the reader decides per file whether to adopt it or import the file afresh.
+LEGACY = "legacy"
+
 
 @dataclass
 class FileState:

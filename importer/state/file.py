@@ -14,12 +14,11 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from importer.state.base import FileState, Summary
+from importer.state.base import LEGACY, FileState, Summary
 
 FORMAT = "reflection-importer/state/v1"
 #: Status of an entry taken over from the older importer: its file counts as imported while its
 #: mtime is not newer than what that importer recorded.
-LEGACY = "legacy"
 
 
 class FileStateStore:
