@@ -59,6 +59,7 @@ class JobInfo:
     #: The ImportRun's spec when the run started (JSON), for the run's retries.
     spec_snapshot: str
     deleting: bool
+    created: datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -95,6 +96,7 @@ def job_info(body: Mapping[str, Any]) -> JobInfo:
         completion_time=parse_time(finished_at),
         spec_snapshot=annotations.get(ANNOTATION_SPEC, ""),
         deleting=bool(meta.get("deletionTimestamp")),
+        created=parse_time(meta.get("creationTimestamp")),
     )
 
 
@@ -117,6 +119,8 @@ class PodInfo:
     started: bool
     terminated: Termination | None
     created: datetime | None
+    #: Why the importer's container has not started yet (reason, message), e.g. CreateContainerConfigError.
+    waiting: tuple[str, str] | None = None
 
     @property
     def alive(self) -> bool:
@@ -146,7 +150,14 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
         if terminated
         else None,
         created=parse_time(meta.get("creationTimestamp")),
+        waiting=_waiting(state.get("waiting")),
     )
+
+
+def _waiting(waiting: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    if not waiting:
+        return None
+    return str(waiting.get("reason", "")), str(waiting.get("message", ""))
 
 
 @dataclass(frozen=True)

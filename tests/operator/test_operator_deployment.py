@@ -147,6 +147,4 @@ def test_importer_rbac_command_prints_what_the_importer_needs():
     kinds = [d["kind"] for d in yaml.safe_load_all(result.stdout)]
     assert kinds == ["ServiceAccount", "Role", "RoleBinding"]
     role = list(yaml.safe_load_all(result.stdout))[1]
-    assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "update", "patch"]}
-    ]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]}]
