@@ -85,7 +85,7 @@ class Observed:
     created: datetime
     raw_spec: Mapping[str, Any]
     spec: ImportRunSpec | None
-    #: Everything wrong with the spec, its Secrets and claims; no new run starts while there are any.
+    #: Everything wrong with the spec, its claims and its namespace; no new run starts while there are any.
     problems: list[Problem]
     status: Mapping[str, Any]
     jobs: list[JobInfo]
@@ -129,8 +129,8 @@ class Plan:
     #: Metrics to count: started, succeeded, failed, oom_retries, error_retries, skipped, missed.
     counters: list[str] = field(default_factory=list)
     requeue_after: float | None = None
-    #: The plan would start Jobs: the caller checks Secrets and claims first (and decides again if they are
-    #: missing).
+    #: The plan would start Jobs: the caller checks claims and the namespace first (and decides again if
+    #: either is a problem).
     starts_jobs: bool = False
 
     def event(self, type_: str, reason: str, message: str) -> None:
@@ -260,11 +260,12 @@ def _refusal_blocker(obs: Observed, refusal: str) -> Blocker:
     namespace = obs.owner.namespace
     if "service account" in cause or "serviceaccount" in cause:
         account = obs.settings.importer_service_account
+        flag = "" if account == Settings().importer_service_account else f" --service-account {account}"
         return Blocker(
             "MissingServiceAccount",
             f"the importer's Pod cannot be created: {cause}. Create its ServiceAccount and Role with "
-            f"`python -m reflection_operator importer-rbac -n {namespace} --service-account {account} "
-            "| kubectl apply -f -` (or list the namespace in the chart's importer.namespaces)",
+            f"`python -m reflection_operator importer-rbac -n {namespace}{flag} | kubectl apply -f -` "
+            "(or list the namespace in the chart's importer.namespaces)",
         )
     if "quota" in cause:
         return Blocker(
@@ -641,7 +642,7 @@ def _start_attempt(obs: Observed, jobs: list[JobInfo], run: RunRecord, plan: Pla
         return
     made = _create_jobs(obs, jobs, run, run.pending_shards(), plan)
     if not made:
-        return  # a problem with the spec, its Secrets or claims: the run stays Starting until it is fixed
+        return  # a problem with the spec, its claims or namespace: the run stays Starting until it is fixed
     run.state = RUN_ACTIVE
     if run.attempt == 1:
         plan.reset_summary = True
