@@ -63,7 +63,13 @@ POD_DEADLINE = timedelta(seconds=60)
 #: raised) takes effect within this time.
 REMAKE_REFUSED_AFTER = timedelta(seconds=20)
 #: Why a container may wait that does not pass without the user's help.
-STUCK_WAITING = ("CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff")
+STUCK_WAITING = (
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "Unschedulable",
+)
 #: Ready=False reasons of a run whose Pods cannot be made or started (the spec itself is fine).
 BLOCKED_REASONS = (
     "MissingServiceAccount",
@@ -74,6 +80,7 @@ BLOCKED_REASONS = (
     "MissingSecret",
     "ContainerConfigError",
     "ImagePullFailed",
+    "Unschedulable",
 )
 
 
@@ -284,7 +291,13 @@ def _refusal_blocker(obs: Observed, refusal: str) -> Blocker:
 
 
 def _waiting_blocker(obs: Observed, reason: str, message: str) -> Blocker:
-    """A container the kubelet cannot start: a Secret (or key) the spec names is missing, or the image."""
+    """A Pod that cannot start: no node fits it, a Secret (or key) the spec names is missing, or the image."""
+    if reason == "Unschedulable":
+        return Blocker(
+            "Unschedulable",
+            f"no node can take the importer's Pod: {message}. Lower spec.resources (memory is requested in full) "
+            "or add capacity",
+        )
     if reason in ("ErrImagePull", "ImagePullBackOff"):
         return Blocker("ImagePullFailed", f"the importer's image cannot be pulled ({reason}): {message}")
     for field_name, ref in obs.spec.secret_refs() if obs.spec is not None else []:

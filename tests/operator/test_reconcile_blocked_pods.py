@@ -168,3 +168,19 @@ def test_volumes_each_pod_security_level_refuses(make_world, level, kind, refuse
     assert [(p.field, p.reason) for p in found] == ([("spec.source.volume", "PodSecurityLevel")] if refused else [])
     if refused:
         assert f"refuses {kind} volumes" in found[0].message and level in found[0].message
+
+
+def test_a_pod_no_node_can_take_is_reported_until_it_is_scheduled(make_world):
+    world, job = started_job(make_world)
+    pod = world.start_pod(job)
+    message = "0/1 nodes are available: 1 Insufficient memory."
+    world.pods[pod]["status"] = {
+        "phase": "Pending",
+        "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}],
+    }
+    plan = world.step()
+    assert ready(world)["reason"] == "Unschedulable" and message in ready(world)["message"]
+    assert "spec.resources" in ready(world)["message"] and reasons(plan) == ["Unschedulable"]
+    world.start_pod(job)
+    world.step()
+    assert ready(world)["status"] == "True"
