@@ -14,21 +14,38 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from .jobs import Owner, build_job, state_configmap
-from .kube import Kube, KubeError, claim_path, configmaps_path, importrun_status_path, jobs_path, secret_path
+from .jobs import (
+    POD_SECURITY_ENFORCE_LABEL,
+    RESTRICTED_VOLUME_TYPES,
+    Owner,
+    build_job,
+    state_configmap,
+    volumes_refused_under,
+)
+from .kube import (
+    NAMESPACES_PATH,
+    Kube,
+    KubeError,
+    claim_path,
+    configmaps_path,
+    events_path,
+    importrun_status_path,
+    jobs_path,
+)
 from .metrics import Metrics
 from .observed import JobInfo, PodInfo, ShardSummary, parse_time
 from .progress import total
-from .reconcile import EventNote, Observed, Plan, decide
+from .reconcile import EventNote, Observed, Plan, decide, jobs_to_look_into
 from .settings import Settings
 from .spec import ImportRunSpec, Problem, parse_spec
 from .status import RunRecord
 
 #: After a wake-up, wait this long for the rest of a burst of events (Job, Pod and summary change together).
 COALESCE_SECONDS = 0.2
-#: While a Secret or claim is missing, look again this often (their creation sends the operator no event).
+#: While a claim is missing or the namespace's Pod Security level refuses the Pod, look again this often
+#: (neither change sends the operator an event).
 DEPENDENCY_RECHECK_SECONDS = 10.0
-DEPENDENCY_REASONS = ("MissingSecret", "MissingVolumeClaim")
+DEPENDENCY_REASONS = ("MissingVolumeClaim", "PodSecurityLevel")
 MAX_ERROR_BACKOFF = 60.0
 
 Key = tuple[str, str]
@@ -88,6 +105,9 @@ class Follower:
     async def reconcile(self, logger: Logger) -> float | None:
         """One look at the ImportRun; returns seconds until it wants to look again (None: only on news)."""
         observed = self.observe(datetime.now(UTC))
+        overdue = jobs_to_look_into(observed)
+        if overdue:
+            observed = replace(observed, pod_refusals=await pod_refusals(self.ctx.kube, self.owner.namespace, overdue))
         plan = decide(observed)
         if observed.spec is not None and not observed.problems and self.dependencies_due(plan):
             missing = await find_missing(self.ctx.kube, self.owner.namespace, observed.spec)
@@ -129,7 +149,7 @@ class Follower:
         )
 
     def dependencies_due(self, plan: Plan) -> bool:
-        """Secrets and claims are read before Jobs are made, and again while one was found missing."""
+        """Claims and the namespace are read before Jobs are made, and again while they were a problem."""
         conditions: list[dict[str, Any]] = self.status.get("conditions") or []
         ready = next((c for c in conditions if c.get("type") == "Ready"), {})
         return plan.starts_jobs or ready.get("reason") in DEPENDENCY_REASONS
@@ -205,19 +225,54 @@ def name_problems(name: str) -> list[Problem]:
 
 
 async def find_missing(kube: Kube, namespace: str, spec: ImportRunSpec) -> list[Problem]:
-    """Secrets (with their keys) and claims the spec names that do not exist."""
+    """Claims the spec names that do not exist, and volumes the namespace's Pod Security level refuses.
+
+    Secrets are not looked at: that would need the right to read their values. A missing Secret or key
+    shows as the Pod's CreateContainerConfigError instead, which ``reconcile`` reports."""
     problems = []
-    for field_name, ref in spec.secret_refs():
-        secret = await kube.get(secret_path(namespace, ref.name))
-        if secret is None:
-            problems.append(Problem(field_name, "MissingSecret", f"Secret {ref.name!r} does not exist"))
-        elif ref.key not in (secret.get("data") or {}):
-            problems.append(Problem(field_name, "MissingSecret", f"Secret {ref.name!r} has no key {ref.key!r}"))
     for field_name, claim in spec.claim_refs():
         if await kube.get(claim_path(namespace, claim)) is None:
             message = f"PersistentVolumeClaim {claim!r} does not exist"
             problems.append(Problem(field_name, "MissingVolumeClaim", message))
+    return problems + pod_security_problems(namespace, await enforced_level(kube, namespace), spec)
+
+
+async def enforced_level(kube: Kube, namespace: str) -> str:
+    """The namespace's enforced Pod Security level; "" when none is set or the Namespace cannot be read
+    (a namespace-scoped install without the discovery role)."""
+    try:
+        found = await kube.list(NAMESPACES_PATH, f"metadata.name={namespace}")
+    except KubeError as error:
+        if error.status in (401, 403):
+            return ""
+        raise
+    labels = (found[0].get("metadata", {}).get("labels") or {}) if found else {}
+    return str(labels.get(POD_SECURITY_ENFORCE_LABEL, ""))
+
+
+def pod_security_problems(namespace: str, level: str, spec: ImportRunSpec) -> list[Problem]:
+    problems = []
+    allowed = {"baseline": "any type but hostPath", "restricted": ", ".join(RESTRICTED_VOLUME_TYPES)}
+    for field_name, kind in volumes_refused_under(level, spec):
+        message = (
+            f"namespace {namespace} enforces the Pod Security level {level!r} (label {POD_SECURITY_ENFORCE_LABEL}), "
+            f"which refuses {kind} volumes: the Pod would not be created. Under {level!r} use {allowed[level]} "
+            "(e.g. persistentVolumeClaim), or relabel the namespace"
+        )
+        problems.append(Problem(field_name, "PodSecurityLevel", message))
     return problems
+
+
+async def pod_refusals(kube: Kube, namespace: str, jobs: Iterable[JobInfo]) -> dict[str, str]:
+    """The latest FailedCreate Event message of each Job (the Job controller's word on a refused Pod)."""
+    refusals = {}
+    for job in jobs:
+        selector = f"involvedObject.uid={job.uid},reason=FailedCreate"
+        events = await kube.list(events_path(namespace), selector)
+        if events:
+            latest = max(events, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+            refusals[job.name] = str(latest.get("message", ""))
+    return refusals
 
 
 async def reset_state_summary(kube: Kube, owner: Owner) -> None:

@@ -39,6 +39,11 @@ SCRATCH_MOUNT = "/tmp"
 CONTAINER_NAME = "importer"
 #: The run's spec, as it was when the run started: retries of the run use it, not later edits.
 ANNOTATION_SPEC = "reflection.dev/spec"
+#: Seconds the importer has between SIGTERM and SIGKILL when its Pod is deleted (Replace, a deleted
+#: ImportRun, a drained node). Kubernetes' default, set deliberately: the importer stops reading, finishes the
+#: batch in flight and saves its state within it (its longest step, one embedding batch, takes a few seconds);
+#: whatever it could not save is read again by the next run, never lost.
+TERMINATION_GRACE_SECONDS = 30
 #: Longest Job name: the Job controller copies it into the Pods' job-name label (63 characters at most).
 MAX_JOB_NAME = 63
 
@@ -152,6 +157,7 @@ def _pod_spec(spec: ImportRunSpec, request: JobRequest, settings: Settings) -> d
     uid = settings.run_as_user
     return {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "serviceAccountName": settings.importer_service_account,
         # The importer keeps its state in ConfigMaps through the API: it needs its token.
         "automountServiceAccountToken": True,
@@ -277,6 +283,39 @@ def _read_only(volume: dict[str, Any]) -> dict[str, Any]:
     if kind in _READ_ONLY_FLAGGED and isinstance(source, dict):
         source = {**source, "readOnly": True}
     return {kind: source}
+
+
+#: The namespace label whose Pod Security level the API server enforces on Pods (Kubernetes 1.23 and later).
+POD_SECURITY_ENFORCE_LABEL = "pod-security.kubernetes.io/enforce"
+#: The volume types the "restricted" Pod Security Standard allows; "baseline" refuses hostPath only, and
+#: "privileged" refuses nothing (https://kubernetes.io/docs/concepts/security/pod-security-standards/).
+RESTRICTED_VOLUME_TYPES = (
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+)
+
+
+def volumes_refused_under(level: str, spec: ImportRunSpec) -> list[tuple[str, str]]:
+    """(field, volume type) of each volume of the spec that the Pod Security ``level`` refuses.
+
+    Only the volumes come from the user: the rest of the Pod (non-root, no privilege escalation, all
+    capabilities dropped, RuntimeDefault seccomp, an emptyDir scratch) passes "restricted" as it is."""
+    refused = []
+    for field_name, volume in (("spec.source.volume", spec.source.volume), ("spec.qdrant.volume", spec.qdrant.volume)):
+        kind = next(iter(volume or {}), None)
+        if kind is None:
+            continue
+        if (level == "baseline" and kind == "hostPath") or (
+            level == "restricted" and kind not in RESTRICTED_VOLUME_TYPES
+        ):
+            refused.append((field_name, kind))
+    return refused
 
 
 def state_configmap(owner: Owner) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The few Kubernetes API calls the operator makes itself, over the asyncio client of `kubernetes`.
 
 Watching is kopf's business; this is for writing: Jobs, the state ConfigMap, the ImportRun's status, and
-reading the Secrets and claims an ImportRun names. Bodies are plain dicts (the manifests are built as dicts),
-so the client's low-level request path is used rather than its typed models.
+reading what explains a run that cannot start: the claims an ImportRun names, its Namespace's Pod Security
+label, its Jobs' FailedCreate Events. (Secrets are never read: the Pods' own status says when one is missing.)
+Bodies are plain dicts (the manifests are built as dicts), so the client's low-level request path is used
+rather than its typed models.
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class Kube:
                 return None
             raise
 
+    async def list(self, path: str, field_selector: str) -> list[dict[str, Any]]:
+        found = await self.request("GET", path, query=[("fieldSelector", field_selector)])
+        items = found.get("items") or []
+        return [item for item in items if isinstance(item, dict)]
+
     async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.request("POST", path, body)
 
@@ -133,8 +140,12 @@ def configmaps_path(namespace: str, name: str | None = None) -> str:
     return base if name is None else f"{base}/{_name(name)}"
 
 
-def secret_path(namespace: str, name: str) -> str:
-    return f"/api/v1/namespaces/{_name(namespace)}/secrets/{_name(name)}"
+def events_path(namespace: str) -> str:
+    return f"/api/v1/namespaces/{_name(namespace)}/events"
+
+
+#: Namespaces are listed (by name), not read one by one: the operator's discovery role lists them anyway.
+NAMESPACES_PATH = "/api/v1/namespaces"
 
 
 def claim_path(namespace: str, name: str) -> str:

@@ -59,6 +59,7 @@ class JobInfo:
     #: The ImportRun's spec when the run started (JSON), for the run's retries.
     spec_snapshot: str
     deleting: bool
+    created: datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -95,6 +96,7 @@ def job_info(body: Mapping[str, Any]) -> JobInfo:
         completion_time=parse_time(finished_at),
         spec_snapshot=annotations.get(ANNOTATION_SPEC, ""),
         deleting=bool(meta.get("deletionTimestamp")),
+        created=parse_time(meta.get("creationTimestamp")),
     )
 
 
@@ -117,6 +119,9 @@ class PodInfo:
     started: bool
     terminated: Termination | None
     created: datetime | None
+    #: Why the importer's container has not started yet (reason, message): e.g. CreateContainerConfigError,
+    #: or Unschedulable (the scheduler's reason) while the Pod has no node.
+    waiting: tuple[str, str] | None = None
 
     @property
     def alive(self) -> bool:
@@ -146,7 +151,22 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
         if terminated
         else None,
         created=parse_time(meta.get("creationTimestamp")),
+        waiting=_waiting(state.get("waiting")) or _unschedulable(status),
     )
+
+
+def _waiting(waiting: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    if not waiting:
+        return None
+    return str(waiting.get("reason", "")), str(waiting.get("message", ""))
+
+
+def _unschedulable(status: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The scheduler's reason when it found no node for the Pod (then no container has a state yet)."""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason"):
+            return str(cond["reason"]), str(cond.get("message", ""))
+    return None
 
 
 @dataclass(frozen=True)

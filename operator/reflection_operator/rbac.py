@@ -10,8 +10,10 @@ from typing import Any
 
 from . import LABEL_MANAGED_BY, MANAGED_BY
 
-#: What the importer does with its state ConfigMaps (read, add buckets, write), and nothing else.
-IMPORTER_CONFIGMAP_VERBS = ["get", "list", "create", "update", "patch"]
+#: What the importer does with its state ConfigMaps, and nothing else: read a bucket (get), add one (create),
+#: write one back under its resourceVersion (update). It never lists, patches or deletes them; a test runs
+#: the state store under exactly this Role.
+IMPORTER_CONFIGMAP_VERBS = ["get", "create", "update"]
 
 
 def importer_rbac(namespace: str, service_account: str = "reflection-importer") -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ twice without harm: Job names are deterministic, so a repeated create meets Alre
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -53,6 +54,35 @@ MESSAGE_TAIL = 1200
 
 READY, RUNNING_CONDITION, MEMORY_RAISED = "Ready", "Running", "MemoryRaised"
 
+#: A Job without a Pod this long is looked into: the controller reads its FailedCreate Events.
+POD_CHECK_AFTER = timedelta(seconds=5)
+#: A Job without a Pod and without a FailedCreate Event this long is reported all the same.
+POD_DEADLINE = timedelta(seconds=60)
+#: A Job whose Pod was refused is made anew after this long. The Job controller retries by itself, but backs
+#: off to six minutes between tries; a new Job is tried at once, so a fix (the ServiceAccount made, the quota
+#: raised) takes effect within this time.
+REMAKE_REFUSED_AFTER = timedelta(seconds=20)
+#: Why a container may wait that does not pass without the user's help.
+STUCK_WAITING = (
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "Unschedulable",
+)
+#: Ready=False reasons of a run whose Pods cannot be made or started (the spec itself is fine).
+BLOCKED_REASONS = (
+    "MissingServiceAccount",
+    "QuotaExceeded",
+    "PodSecurityRefused",
+    "FailedCreate",
+    "PodNotCreated",
+    "MissingSecret",
+    "ContainerConfigError",
+    "ImagePullFailed",
+    "Unschedulable",
+)
+
 
 @dataclass(frozen=True)
 class Observed:
@@ -62,13 +92,23 @@ class Observed:
     created: datetime
     raw_spec: Mapping[str, Any]
     spec: ImportRunSpec | None
-    #: Everything wrong with the spec, its Secrets and claims; no new run starts while there are any.
+    #: Everything wrong with the spec, its claims and its namespace; no new run starts while there are any.
     problems: list[Problem]
     status: Mapping[str, Any]
     jobs: list[JobInfo]
     pods: list[PodInfo]
     summary: Mapping[int, ShardSummary]
     settings: Settings
+    #: The latest FailedCreate Event message of each Job of ``jobs_to_look_into`` (read by the controller).
+    pod_refusals: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why the run's Pods cannot be made or started, and what to do about it."""
+
+    reason: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -96,8 +136,8 @@ class Plan:
     #: Metrics to count: started, succeeded, failed, oom_retries, error_retries, skipped, missed.
     counters: list[str] = field(default_factory=list)
     requeue_after: float | None = None
-    #: The plan would start Jobs: the caller checks Secrets and claims first (and decides again if they are
-    #: missing).
+    #: The plan would start Jobs: the caller checks claims and the namespace first (and decides again if
+    #: either is a problem).
     starts_jobs: bool = False
 
     def event(self, type_: str, reason: str, message: str) -> None:
@@ -121,13 +161,16 @@ def decide(obs: Observed) -> Plan:
     status = plan.status
     status.pop("kopf", None)
     status.setdefault("conditions", [])
-    _ready_condition(obs, plan)
-
     jobs = [j for j in obs.jobs if j.owner_uid == obs.owner.uid]
     run = RunRecord.from_status(status.get("run"))
+    blockers = _blockers(obs, jobs, run)
+    _ready_condition(obs, plan, blockers)
+
     run = _adopt_orphans(obs, jobs, run, plan)
     if run is not None and run.in_progress:
         _advance(obs, jobs, run, plan)
+        _remake_refused_jobs(obs, jobs, run, plan)
+        _look_again_for_pods(obs, jobs, plan)
     tick = _schedule_tick(obs)
     run = _maybe_start(obs, jobs, run, tick, plan)
     if run is not None and run.state == RUN_STARTING:
@@ -140,7 +183,7 @@ def decide(obs: Observed) -> Plan:
 # -- spec problems ------------------------------------------------------------------------------------
 
 
-def _ready_condition(obs: Observed, plan: Plan) -> None:
+def _ready_condition(obs: Observed, plan: Plan, blockers: list[Blocker]) -> None:
     conditions = plan.status["conditions"]
     was_ready = (condition(conditions, READY) or {}).get("status")
     if obs.problems:
@@ -148,10 +191,155 @@ def _ready_condition(obs: Observed, plan: Plan) -> None:
         changed = set_condition(conditions, READY, False, obs.problems[0].reason, message, obs.now, obs.generation)
         if changed:
             plan.event("Warning", obs.problems[0].reason, message)
+    elif blockers:
+        message = "; ".join(dict.fromkeys(b.message for b in blockers))  # shards refused alike: said once
+        reason = blockers[0].reason
+        if set_condition(conditions, READY, False, reason, message, obs.now, obs.generation):
+            plan.event("Warning", reason, message)
+            plan.status["lastFailure"] = {"reason": reason, "message": message, "time": format_time(obs.now)}
     else:
+        was_blocked = (condition(conditions, READY) or {}).get("reason") in BLOCKED_REASONS
         set_condition(conditions, READY, True, "SpecValid", "the spec is valid", obs.now, obs.generation)
-        if was_ready == "False":
+        if was_ready == "False" and was_blocked:
+            plan.event("Normal", "PodsCreated", "the importer's Pods are created and start: the cause is gone")
+        elif was_ready == "False":
             plan.event("Normal", "SpecValid", "the spec is valid again")
+
+
+# -- Pods that cannot be made or started ----------------------------------------------------------------
+
+
+def jobs_to_look_into(obs: Observed) -> list[JobInfo]:
+    """Running Jobs of this ImportRun that have had no Pod for a while: the controller reads their
+    FailedCreate Events (into ``Observed.pod_refusals``) before deciding."""
+    with_pods = {p.job_name for p in obs.pods}
+    return [
+        job
+        for job in obs.jobs
+        if job.owner_uid == obs.owner.uid
+        and not job.finished
+        and not job.deleting
+        and job.name not in with_pods
+        and obs.now - (job.created or obs.now) >= POD_CHECK_AFTER
+    ]
+
+
+def _blockers(obs: Observed, jobs: list[JobInfo], run: RunRecord | None) -> list[Blocker]:
+    """What keeps the current attempt's Pods from being made or from starting; empty when nothing does."""
+    if run is None or not run.in_progress:
+        return []
+    found: list[Blocker] = []
+    current = [j for j in jobs if j.run_id == run.id and j.attempt == run.attempt and not j.finished]
+    for job in current:
+        pods = [p for p in obs.pods if p.job_name == job.name]
+        for pod in pods:
+            if pod.waiting is not None and pod.waiting[0] in STUCK_WAITING:
+                found.append(_waiting_blocker(obs, *pod.waiting))
+        if pods or job.deleting:
+            continue
+        refusal = obs.pod_refusals.get(job.name)
+        if refusal:
+            found.append(_refusal_blocker(obs, refusal))
+        elif obs.now - (job.created or obs.now) >= POD_DEADLINE:
+            found.append(
+                Blocker(
+                    "PodNotCreated",
+                    f"Job {job.name} has had no Pod for {int(POD_DEADLINE.total_seconds())}s and no FailedCreate "
+                    "Event says why: is the Job controller (kube-controller-manager) running?",
+                )
+            )
+    return found or _still_blocked(obs, run)
+
+
+def _still_blocked(obs: Observed, run: RunRecord) -> list[Blocker]:
+    """A refused Job is made anew (``_remake_refused_jobs``): until its Pod appears, the reason stands."""
+    ready = condition(list(obs.status.get("conditions") or []), READY) or {}
+    if ready.get("status") != "False" or ready.get("reason") not in BLOCKED_REASONS:
+        return []
+    if any(p.run_id == run.id and p.attempt == run.attempt for p in obs.pods):
+        return []
+    return [Blocker(str(ready["reason"]), str(ready.get("message", "")))]
+
+
+def _refusal_blocker(obs: Observed, refusal: str) -> Blocker:
+    """A FailedCreate Event's message (``Error creating: pods "x" is forbidden: ...``) as a cause and a fix."""
+    cause = refusal.split(" is forbidden: ", 1)[-1]
+    namespace = obs.owner.namespace
+    if "service account" in cause or "serviceaccount" in cause:
+        account = obs.settings.importer_service_account
+        flag = "" if account == Settings().importer_service_account else f" --service-account {account}"
+        return Blocker(
+            "MissingServiceAccount",
+            f"the importer's Pod cannot be created: {cause}. Create its ServiceAccount and Role with "
+            f"`python -m reflection_operator importer-rbac -n {namespace}{flag} | kubectl apply -f -` "
+            "(or list the namespace in the chart's importer.namespaces)",
+        )
+    if "quota" in cause:
+        return Blocker(
+            "QuotaExceeded",
+            f"the importer's Pod cannot be created: {cause}. Raise the ResourceQuota of namespace {namespace} "
+            "or lower spec.resources (memory, cpu) or spec.parallelism",
+        )
+    if "PodSecurity" in cause:
+        return Blocker(
+            "PodSecurityRefused",
+            f"the importer's Pod cannot be created: {cause}. The namespace's pod-security.kubernetes.io/enforce "
+            "level refuses it: use a volume type that level allows for spec.source.volume and spec.qdrant.volume "
+            "(README: Volumes and Pod Security)",
+        )
+    return Blocker("FailedCreate", f"the importer's Pod cannot be created: {cause}")
+
+
+def _waiting_blocker(obs: Observed, reason: str, message: str) -> Blocker:
+    """A Pod that cannot start: no node fits it, a Secret (or key) the spec names is missing, or the image."""
+    if reason == "Unschedulable":
+        return Blocker(
+            "Unschedulable",
+            f"no node can take the importer's Pod: {message}. Lower spec.resources (memory is requested in full) "
+            "or add capacity",
+        )
+    if reason in ("ErrImagePull", "ImagePullBackOff"):
+        return Blocker("ImagePullFailed", f"the importer's image cannot be pulled ({reason}): {message}")
+    for field_name, ref in obs.spec.secret_refs() if obs.spec is not None else []:
+        if _names(message, ref.name):
+            return Blocker(
+                "MissingSecret",
+                f"{field_name}: the importer cannot start: {message}. Create the Secret {ref.name!r} with the key "
+                f"{ref.key!r} in namespace {obs.owner.namespace}",
+            )
+    return Blocker("ContainerConfigError", f"the importer cannot start ({reason}): {message}")
+
+
+def _names(message: str, name: str) -> bool:
+    """``message`` mentions the object ``name`` (alone, quoted or as namespace/name), not a longer name."""
+    return re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", message) is not None
+
+
+def _look_again_for_pods(obs: Observed, jobs: list[JobInfo], plan: Plan) -> None:
+    """A Job's Pod that is refused sends the operator no watch event: look again while a Job has none."""
+    with_pods = {p.job_name for p in obs.pods}
+    for job in jobs:
+        if job.finished or job.deleting or job.name in with_pods or job.name in obs.pod_refusals:
+            continue
+        age = obs.now - (job.created or obs.now)
+        due = POD_CHECK_AFTER if age < POD_CHECK_AFTER else min(age + POD_CHECK_AFTER, POD_DEADLINE)
+        if due > age:
+            plan.wake_within((due - age).total_seconds())
+
+
+def _remake_refused_jobs(obs: Observed, jobs: list[JobInfo], run: RunRecord, plan: Plan) -> None:
+    """Deletes the current attempt's Jobs whose Pod was refused a while ago; ``_advance`` makes them anew."""
+    for job in jobs:
+        if job.run_id != run.id or job.attempt != run.attempt or job.finished or job.deleting:
+            continue
+        if job.name not in obs.pod_refusals or job.name in plan.delete:
+            continue
+        age = obs.now - (job.created or obs.now)
+        if age >= REMAKE_REFUSED_AFTER:
+            plan.delete.append(job.name)
+            plan.wake_within(SHORT_WAIT)  # make it again once it is gone
+        else:
+            plan.wake_within((REMAKE_REFUSED_AFTER - age).total_seconds())
 
 
 # -- following a run ----------------------------------------------------------------------------------
@@ -467,7 +655,7 @@ def _start_attempt(obs: Observed, jobs: list[JobInfo], run: RunRecord, plan: Pla
         return
     made = _create_jobs(obs, jobs, run, run.pending_shards(), plan)
     if not made:
-        return  # a problem with the spec, its Secrets or claims: the run stays Starting until it is fixed
+        return  # a problem with the spec, its claims or namespace: the run stays Starting until it is fixed
     run.state = RUN_ACTIVE
     if run.attempt == 1:
         plan.reset_summary = True

@@ -18,6 +18,13 @@ from croniter.croniter import CroniterError
 #: How many missed times are counted (and reported) at most after a long outage.
 MAX_MISSED_COUNTED = 100
 
+#: Each field's name and its lowest and highest value, in the order of a five-field expression (the
+#: seconds of a six-field one come first). Day of week runs to 7: croniter reads 7 as Sunday, like 0.
+FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
+SECONDS_FIELD = ("second", 0, 59)
+#: Day of week has seven distinct days although it accepts eight numbers.
+DISTINCT_VALUES = {"day of week": 7}
+
 
 class ScheduleError(ValueError):
     """An unusable schedule; ``field`` names the spec field at fault."""
@@ -46,11 +53,14 @@ class CronSchedule:
             )
         seconds_first = len(fields) == 6
         try:
-            valid = croniter.is_valid(text, second_at_beginning=seconds_first)
+            # strict: a day that no month named has (30 February) is refused, not searched for forever.
+            valid = croniter.is_valid(text, second_at_beginning=seconds_first, strict=True)
         except CroniterError:
             valid = False
         if not valid:
             raise ScheduleError("spec.schedule", f"{expression!r} is not a valid cron expression")
+        if not text.startswith("@"):
+            _check_steps(expression, fields, seconds_first)
         return cls(text, zone, seconds_first)
 
     def _iterator(self, start: datetime, *, backwards: bool = False) -> croniter:
@@ -82,6 +92,22 @@ class CronSchedule:
                 break
             count += 1
         return count
+
+
+def _check_steps(expression: str, fields: list[str], seconds_first: bool) -> None:
+    """croniter checks values and ranges against each field's bounds but not steps: "*/61" in the minute
+    field would pass and fire at minute 0 only. A step longer than its field's values is refused."""
+    layout = ((SECONDS_FIELD,) if seconds_first else ()) + FIELDS
+    for (name, low, high), text in zip(layout, fields, strict=True):
+        values = DISTINCT_VALUES.get(name, high - low + 1)
+        for part in text.split(","):
+            _, slash, step = part.partition("/")
+            if slash and not (step.isdigit() and 1 <= int(step) <= values):
+                raise ScheduleError(
+                    "spec.schedule",
+                    f"{expression!r}: the step {step!r} of the {name} field must be between 1 and {values} "
+                    f"(the field has {values} values, {low}-{high})",
+                )
 
 
 def parse_zone(time_zone: str | None) -> ZoneInfo:

@@ -64,6 +64,8 @@ class World:
         self.created = T0 - timedelta(seconds=30)
         self.generation = 1
         self.extra_problems: list[Any] = []
+        #: FailedCreate Event messages by Job name (what the controller reads for Jobs without Pods).
+        self.pod_refusals: dict[str, str] = {}
 
     def observe(self) -> Observed:
         spec, problems = parse_spec(self.raw_spec, self.settings)
@@ -80,6 +82,7 @@ class World:
             pods=[pod_info(b) for b in self.pods.values()],
             summary=self.summary,
             settings=self.settings,
+            pod_refusals=dict(self.pod_refusals),
         )
 
     def step(self, apply: bool = True) -> Plan:

@@ -64,3 +64,42 @@ def test_a_due_time_past_the_starting_deadline_is_too_late():
 def test_a_handled_time_is_not_due_again():
     schedule = CronSchedule.parse("*/10 * * * * *")
     assert evaluate(schedule, NOON, NOON + timedelta(seconds=5), None).due is None
+
+
+def _layouts() -> list[tuple[str, int, int, int, int]]:
+    """(field name, position, field count, lowest, highest) for every field of both expression forms."""
+    from reflection_operator.schedule import FIELDS, SECONDS_FIELD
+
+    five = [(name, i, 5, low, high) for i, (name, low, high) in enumerate(FIELDS)]
+    six = [(name, i, 6, low, high) for i, (name, low, high) in enumerate((SECONDS_FIELD, *FIELDS))]
+    return five + six
+
+
+def _with_field(position: int, count: int, text: str) -> str:
+    fields = ["*"] * count
+    fields[position] = text
+    return " ".join(fields)
+
+
+@pytest.mark.parametrize(("name", "position", "count", "low", "high"), _layouts())
+def test_every_field_is_checked_against_its_bounds(name, position, count, low, high):
+    """Values, ranges and steps one past each field's bounds are refused; the bounds themselves pass."""
+    distinct = 7 if name == "day of week" else high - low + 1
+    accepted = [str(low), str(high), f"{low}-{high}", f"*/{distinct}", f"{low}-{high}/{distinct}", "*/1"]
+    refused = [str(low - 1), str(high + 1), f"{low}-{high + 1}", f"*/{distinct + 1}", f"{low}/{distinct + 1}"]
+    refused += ["*/0", f"{low}-{high}/{distinct + 1}", "*/x", f"{low},*/{distinct + 30}"]
+    for text in accepted:
+        CronSchedule.parse(_with_field(position, count, text))
+    for text in refused:
+        expression = _with_field(position, count, text)
+        with pytest.raises(ScheduleError) as raised:
+            CronSchedule.parse(expression)
+        assert raised.value.field == "spec.schedule", expression
+
+
+@pytest.mark.parametrize("expression", ["*/61 * * * *", "0 */25 * * *", "*/90 * * * * *", "0 0 30 2 *"])
+def test_steps_past_the_field_and_impossible_days_are_refused(expression):
+    with pytest.raises(ScheduleError) as raised:
+        CronSchedule.parse(expression)
+    assert raised.value.field == "spec.schedule"
+    assert expression in str(raised.value)

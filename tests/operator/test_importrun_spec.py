@@ -39,6 +39,9 @@ def test_defaults(make_world):
     ("override", "field", "reason"),
     [
         ({"schedule": "61 * * * *"}, "spec.schedule", "InvalidSchedule"),
+        ({"schedule": "*/61 * * * *"}, "spec.schedule", "InvalidSchedule"),
+        ({"schedule": "0 */25 * * *"}, "spec.schedule", "InvalidSchedule"),
+        ({"schedule": "*/90 * * * * *"}, "spec.schedule", "InvalidSchedule"),
         ({"schedule": "* * *"}, "spec.schedule", "InvalidSchedule"),
         ({"schedule": "0 3 * * *", "timeZone": "Mars/Olympus"}, "spec.timeZone", "UnknownTimeZone"),
         ({"resources": {"memory": "64Mi"}}, "spec.resources.memory", "MemoryTooLow"),

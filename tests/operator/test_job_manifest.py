@@ -129,3 +129,11 @@ def test_state_configmap_is_owned_but_does_not_block_deletion(request_for):
     assert configmap["metadata"]["labels"]["reflection.dev/state-bucket"] == "0"
     assert configmap["metadata"]["ownerReferences"][0]["blockOwnerDeletion"] is False
     assert configmap["data"] == {"summary": "{}"}
+
+
+def test_the_pod_gets_its_grace_period_on_purpose(make_world, request_for):
+    """Set explicitly (not left to the cluster's default): the importer saves its state within it on SIGTERM."""
+    from reflection_operator.jobs import TERMINATION_GRACE_SECONDS
+
+    pod = make(make_world, request_for)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == TERMINATION_GRACE_SECONDS == 30

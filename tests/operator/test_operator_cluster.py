@@ -151,7 +151,8 @@ def test_failures_retry_then_fail_with_the_pods_last_log_lines(k8s, run_operator
     assert "RetryingAfterError" in k8s.event_reasons("unreachable")
 
 
-def test_a_missing_secret_blocks_the_run_until_it_exists(k8s, run_operator, small_corpus):
+def test_a_missing_secret_shows_on_the_importrun_until_it_exists(k8s, run_operator, small_corpus):
+    """The operator cannot read Secrets: the Pod's CreateContainerConfigError tells it, naming the field."""
     source, _ = small_corpus
     body = {
         "apiVersion": "reflection.dev/v1alpha1",
@@ -166,19 +167,30 @@ def test_a_missing_secret_blocks_the_run_until_it_exists(k8s, run_operator, smal
     }
     k8s.apply(body)
     with run_operator(k8s.namespace):
-
-        def blocked():
-            conditions = k8s.status("keyed").get("conditions") or []
-            return next((c for c in conditions if c["type"] == "Ready" and c["status"] == "False"), None)
-
-        ready = k8s.wait("Ready=False", blocked, timeout=60)
+        ready = k8s.wait("Ready=False", lambda: ready_false(k8s, "keyed"), timeout=90)
         assert ready["reason"] == "MissingSecret" and "spec.qdrant.apiKeySecretRef" in ready["message"]
-        assert k8s.jobs("keyed") == []
+        assert k8s.status("keyed")["phase"] == "Pending"
+        assert k8s.status("keyed")["lastFailure"]["reason"] == "MissingSecret"
         k8s.run("create", "secret", "generic", "qdrant", "--from-literal=api-key=s3cret")
-        k8s.wait("a Job once the Secret exists", lambda: k8s.jobs("keyed"), timeout=60)
+        k8s.wait("Ready=True once the Secret exists", lambda: ready_true(k8s, "keyed"), timeout=90)
+        assert "PodsCreated" in k8s.event_reasons("keyed")
     job = k8s.jobs("keyed")[0]
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["IMPORTER_QDRANT_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "qdrant", "key": "api-key"}}
+
+
+def ready_condition(k8s, name: str) -> dict:
+    conditions = k8s.status(name).get("conditions") or []
+    return next((c for c in conditions if c["type"] == "Ready"), {})
+
+
+def ready_false(k8s, name: str) -> dict | None:
+    ready = ready_condition(k8s, name)
+    return ready if ready.get("status") == "False" else None
+
+
+def ready_true(k8s, name: str) -> bool:
+    return ready_condition(k8s, name).get("status") == "True"
 
 
 def test_a_restarted_operator_adopts_its_job_instead_of_making_another(

@@ -328,9 +328,10 @@ def test_an_invalid_spec_creates_nothing_and_says_which_field_until_fixed():
     assert world.status["observedGeneration"] == 2
 
 
-def test_missing_secrets_block_new_runs():
+def test_missing_claims_block_new_runs():
     world = World()
-    world.extra_problems = [Problem("spec.qdrant.apiKeySecretRef", "MissingSecret", "Secret 'q' does not exist")]
+    field = "spec.source.volume.persistentVolumeClaim.claimName"
+    world.extra_problems = [Problem(field, "MissingVolumeClaim", "PersistentVolumeClaim 'q' does not exist")]
     plan = world.step()
     assert not plan.create
-    assert condition(world.status, "Ready")["reason"] == "MissingSecret"
+    assert condition(world.status, "Ready")["reason"] == "MissingVolumeClaim"
