@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from importer.contract import ShardSummary
+
 from .jobs import Owner, build_job, state_configmap
 from .kube import Kube, KubeError, claim_path, configmaps_path, importrun_status_path, jobs_path, secret_path
 from .metrics import Metrics
-from .observed import JobInfo, PodInfo, ShardSummary, parse_time
+from .observed import JobInfo, PodInfo, parse_time
 from .progress import total
 from .reconcile import EventNote, Observed, Plan, decide
 from .settings import Settings

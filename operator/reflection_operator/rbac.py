@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import LABEL_MANAGED_BY, MANAGED_BY
+from importer.contract import LABEL_MANAGED_BY, MANAGED_BY
 
 #: What the importer does with its state ConfigMaps (read, add buckets, write), and nothing else.
 IMPORTER_CONFIGMAP_VERBS = ["get", "list", "create", "update", "patch"]

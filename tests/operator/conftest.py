@@ -18,12 +18,13 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 from reflection_operator.jobs import JobRequest, Owner, build_job
-from reflection_operator.observed import JobInfo, PodInfo, ShardSummary, job_info, pod_info
+from reflection_operator.observed import JobInfo, PodInfo, job_info, pod_info
 from reflection_operator.rbac import importer_rbac
 from reflection_operator.reconcile import Observed, Plan, decide
 from reflection_operator.settings import Settings
 from reflection_operator.spec import parse_spec
 
+from importer.contract import ShardSummary
 from importer.model import prepare_model
 
 T0 = datetime(2026, 1, 5, 10, 0, 0, tzinfo=UTC)
