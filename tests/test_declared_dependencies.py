@@ -14,8 +14,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 FIRST_PARTY = {"importer", "reflection_operator", "localcluster", "tests", "bench", "scripts", "conftest"}
-#: Modules of the tests' own folders, imported by plain name.
-TEST_HELPERS = {"fake_voyage"}
 
 
 def _imported_top_level_modules(*folders: str) -> set[str]:
@@ -27,7 +25,7 @@ def _imported_top_level_modules(*folders: str) -> set[str]:
                     modules.update(alias.name.split(".")[0] for alias in node.names)
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     modules.add(node.module.split(".")[0])
-    return {m for m in modules if m not in sys.stdlib_module_names and m not in FIRST_PARTY | TEST_HELPERS}
+    return {m for m in modules if m not in sys.stdlib_module_names and m not in FIRST_PARTY}
 
 
 def _declared(requirements: list[str]) -> set[str]:

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from qdrant_client import QdrantClient
 
 from importer.contract import ExitCode
 from importer.state.configmap import ConfigMapStateStore
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 Corpus = Callable[..., tuple[Path, dict[str, Any]]]
@@ -103,13 +103,11 @@ def _start(root: Path, tmp_path: Path) -> subprocess.Popen[str]:
 
 
 def _wait_for_first_checkpoint(state: Path, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if _state_files(state):
-            return
+    def saved() -> dict[str, Any]:
         assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint within 300 s")
+        return _state_files(state)
+
+    wait_for("a first checkpoint", saved, timeout=300, interval=0.05)
 
 
 def test_sigterm_finishes_the_batch_in_flight_saves_and_exits(
@@ -170,11 +168,12 @@ def test_killed_mid_run_and_restarted_imports_every_record_once(
         *state_backend.args,
     )  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not state_backend.load():
+
+    def saved() -> Any:
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.1)
+        return state_backend.load()
+
+    wait_for("a first checkpoint", saved, timeout=300, interval=0.1)
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from reflection_operator.jobs import job_name
 from reflection_operator.spec import Problem
 
 from importer.contract import RunNumbers, ShardSummary
+
+# The simulated world's names, set by the fixture below (the world lives in conftest.py).
+World: Any
+T0: datetime
+RUN0: str
+base_spec: Callable[..., dict[str, Any]]
+iso: Callable[[datetime], str]
 
 
 @pytest.fixture(autouse=True)

@@ -36,6 +36,7 @@ from importer.state.configmap import (
     next_bucket,
     read_summaries,
 )
+from tests.polling import wait_for
 
 MiB = 1024 * 1024
 
@@ -514,15 +515,16 @@ def restricted_api(kube_api: client.ApiClient, namespace: str) -> Iterator[clien
 
 def service_account_token(api: client.CoreV1Api, namespace: str, account: str) -> str:
     """The token of the ServiceAccount's token Secret (created by kube-controller-manager in v1.20)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def token() -> str | None:
         secrets: list[Any] = api.read_namespaced_service_account(account, namespace).secrets or []
         for reference in secrets:
             secret: Any = api.read_namespaced_secret(reference.name, namespace)
             if secret.type == "kubernetes.io/service-account-token" and (secret.data or {}).get("token"):
                 return base64.b64decode(secret.data["token"]).decode()
-        time.sleep(0.5)
-    raise AssertionError(f"no token Secret appeared for ServiceAccount {namespace}/{account}")
+        return None
+
+    return wait_for(f"a token Secret for ServiceAccount {namespace}/{account}", token, timeout=60, interval=0.5)
 
 
 @pytest.mark.cluster
