@@ -52,7 +52,8 @@ class Progress:
                 "filesFailed": self.run.files_failed,
                 "messages": self.run.messages,
                 "chunks": self.run.chunks,
-                "skippedLines": dict(self.run.skipped),
+                # A list, not a map: a merge patch replaces a list whole but would keep a map's old reasons.
+                "skippedLines": [{"reason": reason, "lines": lines} for reason, lines in self.run.skipped.items()],
                 "seconds": round(self.run.seconds, 1),
             },
             # Over every file of the source and every run so far.

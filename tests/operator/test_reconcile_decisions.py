@@ -73,7 +73,7 @@ def test_run_once_starts_one_job_and_reports_pending_then_running_then_succeeded
         "filesFailed": 0,
         "messages": 30,
         "chunks": 12,
-        "skippedLines": {"bad_json": 2},
+        "skippedLines": [{"reason": "bad_json", "lines": 2}],
         "seconds": 19.0,
     }
     assert world.status["phase"] == "Succeeded"
@@ -224,7 +224,8 @@ def test_progress_sums_the_shards_of_the_current_run_only():
     assert world.status["filesFailed"] == 1 and world.status["percent"] == 77
     numbers = world.status["runNumbers"]
     assert (numbers["filesRead"], numbers["filesUnchanged"], numbers["filesFailed"], numbers["chunks"]) == (5, 1, 1, 10)
-    assert numbers["skippedLines"] == {"too_long": 1} and numbers["seconds"] == 4  # the slowest shard
+    assert numbers["skippedLines"] == [{"reason": "too_long", "lines": 1}]
+    assert numbers["seconds"] == 4  # the slowest shard
 
 
 def test_run_events_carry_this_runs_numbers_not_the_totals():
