@@ -37,6 +37,8 @@ def test_an_importrun_imports_everything_once_and_kubectl_shows_it(
     assert status["filesTotal"] == status["filesDone"] == files
     assert status["progress"] == f"{files}/{files}" and status["percent"] == 100
     assert status["chunks"] > 0
+    # A first run: what it did is everything there is.
+    assert status["runNumbers"]["filesUnchanged"] == 0 and status["runNumbers"]["chunks"] == status["chunks"]
     assert status["chunks"] == qdrant_points(kube_cluster.pvc_dir(k8s.namespace, "qdrant-logs") / "store")
     assert status["lastScheduleTime"] and status["completionTime"] and status["lastSuccessfulTime"]
     assert status["active"] == [] if "active" in status else True
