@@ -12,8 +12,10 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from importer import __version__
 from importer import settings as settings_module
-from importer.settings import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_MEMORY_BUDGET, EXIT_OK, SettingsError
+from importer.contract import ExitCode
+from importer.settings import SettingsError
 
 log = logging.getLogger("importer")
 
@@ -26,18 +28,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_FATAL
+        return ExitCode.FATAL
     except Exception as error:
         # Qdrant or the Kubernetes API unreachable after retries, a missing model, a refused API key:
         # the run stops here, with its state saved up to the last batch Qdrant acknowledged.
         log.debug("fatal error", exc_info=True)
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-        return EXIT_FATAL
+        return ExitCode.FATAL
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m importer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    parser.add_argument("--version", action="version", version=f"reflection-importer {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="import a conversation tree into Qdrant")
@@ -61,8 +64,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
+    """Plain lines for a person at a terminal; one JSON object per line for a log collector."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    if sys.stderr.isatty():
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    else:
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     for noisy in ("httpx", "httpcore", "urllib3", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -73,7 +80,7 @@ def _prepare_model(args: argparse.Namespace) -> int:
 
     folder = prepare_model(args.dest, force=args.force)
     print(folder)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -91,10 +98,10 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(_human_summary(summary), flush=True)
     if stats.stopped == "memory":
-        return EXIT_MEMORY_BUDGET
+        return ExitCode.MEMORY_BUDGET
     if stats.stopped == "signal":
-        return EXIT_INTERRUPTED
-    return EXIT_OK
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK
 
 
 def _human_summary(summary: dict[str, Any]) -> str:
@@ -116,4 +123,4 @@ def _search(args: argparse.Namespace) -> int:
     for hit in hits:
         print(f"{hit.score:.3f}  {hit.project}  {hit.timestamp}  {hit.source}#{hit.chunk_index}")
         print(f"       {hit.excerpt}")
-    return EXIT_OK
+    return ExitCode.OK

@@ -18,11 +18,12 @@ from typing import Any
 
 from qdrant_client import models
 
+from importer.contract import RunNumbers, ShardSummary
 from importer.embed.base import Embedder
 from importer.memory import PeakRss, release_memory
 from importer.reader import ChunkItem, DeleteFile, FileDone, FileReader, Item, ReadLimits, discover
 from importer.sink import QdrantSink
-from importer.state.base import FileState, StateStore, Summary
+from importer.state.base import FileState, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,18 @@ class RunStats:
             "stopped": self.stopped,
         }
 
+    def numbers(self, seconds: float) -> RunNumbers:
+        """This run's numbers as the summary publishes them."""
+        return RunNumbers(
+            files_read=self.files,
+            files_unchanged=self.unchanged,
+            files_failed=self.failed,
+            messages=self.messages,
+            chunks=self.chunks,
+            skipped=dict(sorted(self.skipped.items())),
+            seconds=round(seconds, 3),
+        )
+
 
 class Importer:
     def __init__(
@@ -95,6 +108,7 @@ class Importer:
         self._stop = asyncio.Event()
         self._peak = PeakRss()
         self._files: list[str] = []
+        self._started = time.monotonic()
 
     def request_stop(self, reason: str) -> None:
         """Take no new file; what is in flight is finished and saved."""
@@ -103,7 +117,7 @@ class Importer:
         self._stop.set()
 
     async def run(self) -> RunStats:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         self.state = await asyncio.to_thread(self.store.load)
         files = self._files = discover(self.root, self.options.shard_index, self.options.shard_count)
         if self.progress is not None:
@@ -261,10 +275,10 @@ class Importer:
             raise
         self._last_save = now
 
-    def summary(self, phase: str) -> Summary:
-        """Totals over this shard's files as they are on disk now."""
+    def summary(self, phase: str) -> ShardSummary:
+        """Totals over this shard's files as they are on disk now, and this run's numbers so far."""
         mine = [s for rel in self._files if (s := self.state.get(rel)) is not None]
-        return Summary(
+        return ShardSummary(
             files_total=len(self._files),
             files_done=sum(s.status in ("done", "partial") for s in mine),
             files_failed=sum(s.status == "failed" for s in mine),
@@ -272,6 +286,7 @@ class Importer:
             bytes=sum(s.consumed for s in mine),
             phase=phase,
             updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            run=self.stats.numbers(time.monotonic() - self._started),
         )
 
 

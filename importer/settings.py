@@ -12,11 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-EXIT_FATAL = 1
-#: The importer's RSS stayed over its operational budget: state is saved; retry with more memory.
-EXIT_MEMORY_BUDGET = 86
-EXIT_INTERRUPTED = 143
+from importer.contract import ImporterEnv
 
 
 @dataclass
@@ -101,11 +97,11 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "memory_fraction": (float, "operational memory budget as a fraction of the limit"),
     "upsert_attempts": (int, "attempts per Qdrant write before the run fails"),
 }
-_ALIASES = {"qdrant_api_key": "QDRANT_API_KEY"}
+_ALIASES = {"qdrant_api_key": ImporterEnv.QDRANT_API_KEY_ALIAS.value}
 
 
 def env_name(name: str) -> str:
-    return f"IMPORTER_{name.upper()}"
+    return ImporterEnv.of(name).value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,10 +35,12 @@ from tenacity import (
     wait_random,
 )
 
+from importer.contract import ImporterEnv
+
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-API_KEY_ENV: Final = "VOYAGE_API_KEY"
+API_KEY_ENV: Final = ImporterEnv.VOYAGE_API_KEY.value
 DEFAULT_MODEL: Final = "voyage-3-large"
 #: The API refuses lists longer than this.
 MAX_TEXTS_PER_REQUEST: Final = 1000

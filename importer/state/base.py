@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
+from importer.contract import ShardSummary
+
 #: Status of an entry migrated from the older importer's state file (points written by that importer);
 #: the reader decides per file whether to adopt it or import the file afresh.
 LEGACY = "legacy"
@@ -47,22 +49,6 @@ class FileState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-@dataclass
-class Summary:
-    """The small human-readable summary a person and the operator read."""
-
-    files_total: int = 0
-    files_done: int = 0
-    files_failed: int = 0
-    chunks: int = 0
-    bytes: int = 0
-    phase: str = "Pending"
-    updated_at: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 class StateStore(Protocol):
     """Where per-file state lives: a JSON file on a laptop, ConfigMaps in a Job."""
 
@@ -70,7 +56,7 @@ class StateStore(Protocol):
         """Everything saved so far, keyed by the file's path relative to the source root."""
         ...
 
-    def save(self, files: dict[str, FileState], summary: Summary) -> None:
+    def save(self, files: dict[str, FileState], summary: ShardSummary) -> None:
         """Persist ``files`` (changed entries merged into what is stored) and ``summary``.
 
         Raises on failure after its own retries; the caller must treat nothing as saved then.

@@ -5,7 +5,7 @@ Layout (the operator relies on it):
 * ``<base>-<n>`` holds, in ``binaryData["state.json.gz"]``, gzip-compressed JSON
   ``{relative path: FileState.to_json()}`` for the paths whose :func:`bucket_index` is ``n``.
 * ``<base>-0`` records the bucket count in the annotation ``reflection.dev/state-buckets`` and carries
-  ``data["summary"]``: ``{"shard-<i>": Summary.to_json()}``, one entry per job shard.
+  ``data["summary"]``: ``{"shard-<i>": ShardSummary.to_json()}``, one entry per job shard.
 * Labels: ``app.kubernetes.io/managed-by``, ``reflection.dev/importrun``, ``reflection.dev/state-bucket``.
   Buckets this store creates copy ``<base>-0``'s ownerReferences (the operator sets the one to the ImportRun).
 
@@ -58,17 +58,21 @@ from tenacity import (
     wait_exponential,
 )
 
-from importer.state.base import FileState, Summary
+from importer.contract import (
+    ANNOTATION_STATE_BUCKETS,
+    LABEL_IMPORTRUN,
+    LABEL_MANAGED_BY,
+    LABEL_STATE_BUCKET,
+    MANAGED_BY,
+    SUMMARY_KEY,
+    ShardSummary,
+    summary_key,
+)
+from importer.state.base import FileState
 
 log = logging.getLogger(__name__)
 
 STATE_KEY = "state.json.gz"
-SUMMARY_KEY = "summary"
-BUCKETS_ANNOTATION = "reflection.dev/state-buckets"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGED_BY = "reflection-operator"
-IMPORTRUN_LABEL = "reflection.dev/importrun"
-BUCKET_LABEL = "reflection.dev/state-bucket"
 
 #: Largest compressed payload per bucket. A ConfigMap holds at most 1 MiB; base64 in the JSON body, the
 #: summary and the metadata must fit beside it.
@@ -182,7 +186,7 @@ def configmap_name(base: str, index: int) -> str:
 
 
 def read_summaries(api: client.CoreV1Api, name: str, namespace: str) -> dict[str, dict[str, Any]]:
-    """The per-shard summaries in ``<name>-0`` (``{"shard-<i>": Summary.to_json()}``); empty when absent."""
+    """The per-shard summaries in ``<name>-0`` (``{"shard-<i>": ShardSummary.to_json()}``); empty when absent."""
     try:
         bucket0 = api.read_namespaced_config_map(configmap_name(name, 0), namespace)
     except ApiException as error:
@@ -212,13 +216,13 @@ def _meta(cm: client.V1ConfigMap) -> client.V1ObjectMeta:
 
 def _bucket_count_of(cm: client.V1ConfigMap) -> int:
     """The count a bucket was written under; 1 when unset (``<base>-0`` pre-created by the operator)."""
-    value = (_meta(cm).annotations or {}).get(BUCKETS_ANNOTATION, "1")
+    value = (_meta(cm).annotations or {}).get(ANNOTATION_STATE_BUCKETS, "1")
     try:
         count = int(value)
     except ValueError as error:
-        raise _Corrupt(f"annotation {BUCKETS_ANNOTATION}={value!r} is not a number") from error
+        raise _Corrupt(f"annotation {ANNOTATION_STATE_BUCKETS}={value!r} is not a number") from error
     if count < 1 or count & (count - 1):
-        raise _Corrupt(f"annotation {BUCKETS_ANNOTATION}={value!r} is not a power of two")
+        raise _Corrupt(f"annotation {ANNOTATION_STATE_BUCKETS}={value!r} is not a power of two")
     return count
 
 
@@ -296,7 +300,7 @@ class ConfigMapStateStore:
                 raise StateLoadError(f"ConfigMap state {self.namespace}/{self.name}: {error}") from error
         return {path: FileState.from_json(entry) for path, entry in raw.items()}
 
-    def save(self, files: dict[str, FileState], summary: Summary) -> None:
+    def save(self, files: dict[str, FileState], summary: ShardSummary) -> None:
         """Merge ``files`` (the entries changed since the last save) into their buckets and replace this
         shard's summary in ``<base>-0``. Raises :class:`StateSaveError` when that cannot be done."""
         changed = {path: state.to_json() for path, state in files.items()}
@@ -432,10 +436,10 @@ class ConfigMapStateStore:
         summaries: dict[str, Any] | None = None
         if summary is not None:
             summaries = _summaries_of(cm)
-            if summaries.get(f"shard-{self.shard_index}") == summary:
+            if summaries.get(summary_key(self.shard_index)) == summary:
                 summaries = None
             else:
-                summaries[f"shard-{self.shard_index}"] = summary
+                summaries[summary_key(self.shard_index)] = summary
         if merged == stored and summaries is None and not self._labels_missing(cm, index):
             return True
         payload = encode_entries(merged)
@@ -501,7 +505,7 @@ class ConfigMapStateStore:
         payload = encode_entries(entries)
         if len(payload) > self.bucket_limit:
             raise _BucketFull(len(payload))
-        summaries = None if summary is None else {f"shard-{self.shard_index}": summary}
+        summaries = None if summary is None else {summary_key(self.shard_index): summary}
         body = client.V1ConfigMap(
             api_version="v1",
             kind="ConfigMap",
@@ -509,7 +513,7 @@ class ConfigMapStateStore:
                 name=name,
                 namespace=self.namespace,
                 labels=self._labels(index),
-                annotations={BUCKETS_ANNOTATION: str(count)},
+                annotations={ANNOTATION_STATE_BUCKETS: str(count)},
                 # <base>-0 is the operator's (or ours); the other buckets follow it, to be collected with it.
                 owner_references=self._owner_references if index != 0 and self._owner_references else None,
             ),
@@ -546,7 +550,7 @@ class ConfigMapStateStore:
         metadata = copy.copy(_meta(cm))
         metadata.managed_fields = None
         metadata.labels = {**(metadata.labels or {}), **self._labels(index)}
-        metadata.annotations = {**(metadata.annotations or {}), BUCKETS_ANNOTATION: str(count)}
+        metadata.annotations = {**(metadata.annotations or {}), ANNOTATION_STATE_BUCKETS: str(count)}
         data = dict(cm.data or {})
         if summaries is not None:
             data[SUMMARY_KEY] = json.dumps(summaries, sort_keys=True)
@@ -601,9 +605,9 @@ class ConfigMapStateStore:
     # -- metadata --------------------------------------------------------------------------------------------
 
     def _labels(self, index: int) -> dict[str, str]:
-        labels = {MANAGED_BY_LABEL: MANAGED_BY, BUCKET_LABEL: str(index)}
+        labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_STATE_BUCKET: str(index)}
         if self.run_name:
-            labels[IMPORTRUN_LABEL] = self.run_name
+            labels[LABEL_IMPORTRUN] = self.run_name
         return labels
 
     def _labels_missing(self, cm: client.V1ConfigMap, index: int) -> bool:

@@ -14,7 +14,8 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from importer.state.base import LEGACY, FileState, Summary
+from importer.contract import ShardSummary
+from importer.state.base import LEGACY, FileState
 
 FORMAT = "reflection-importer/state/v1"
 #: Status of an entry taken over from the older importer: its file counts as imported while its
@@ -38,7 +39,7 @@ class FileStateStore:
             shutil.copy2(self.path, self.path.with_name(self.path.name + ".legacy-backup"))
         return dict(self._files)
 
-    def save(self, files: dict[str, FileState], summary: Summary) -> None:
+    def save(self, files: dict[str, FileState], summary: ShardSummary) -> None:
         self._files.update(files)
         document = {
             "format": FORMAT,

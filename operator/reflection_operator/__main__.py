@@ -13,12 +13,15 @@ import sys
 import kopf
 import yaml
 
+from importer import __version__
+
 from .rbac import importer_rbac
 from .settings import Settings, SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reflection-operator", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"reflection-operator {__version__}")
     commands = parser.add_subparsers(dest="command")
     run = commands.add_parser("run", help="run the operator (settings from REFLECTION_* variables)")
     run.add_argument("--verbose", action="store_true", help="debug logging")
@@ -43,7 +46,7 @@ def run_operator(settings: Settings, verbose: bool = False) -> None:
     from . import handlers  # noqa: F401  (registers the handlers with kopf)
     from .metrics import serve
 
-    log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
+    log_format = kopf.LogFormat.JSON if settings.json_logs(sys.stderr.isatty()) else kopf.LogFormat.FULL
     kopf.configure(verbose=verbose, log_format=log_format)
     if settings.metrics_port:
         serve(settings.metrics_port)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from importer.contract import ShardSummary
+
 from .jobs import (
     POD_SECURITY_ENFORCE_LABEL,
     RESTRICTED_VOLUME_TYPES,
@@ -33,7 +35,7 @@ from .kube import (
     jobs_path,
 )
 from .metrics import Metrics
-from .observed import JobInfo, PodInfo, ShardSummary, parse_time
+from .observed import JobInfo, PodInfo, parse_time
 from .progress import total
 from .reconcile import EventNote, Observed, Plan, decide, jobs_to_look_into
 from .settings import Settings

@@ -19,11 +19,13 @@ from typing import Any
 
 import kopf
 
-from . import GROUP, LABEL_IMPORTRUN, LABEL_STATE_BUCKET, PLURAL, VERSION
+from importer.contract import LABEL_IMPORTRUN, LABEL_STATE_BUCKET, ShardSummary
+
+from . import GROUP, PLURAL, VERSION
 from .controller import Context, EventNote, Follower, Views, follow
 from .kube import Kube
 from .metrics import shared as shared_metrics
-from .observed import JobInfo, PodInfo, ShardSummary, importrun_of, job_info, pod_info, state_summary
+from .observed import JobInfo, PodInfo, importrun_of, job_info, pod_info, state_summary
 from .settings import Settings
 
 IMPORTRUNS = (GROUP, VERSION, PLURAL)

@@ -13,12 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from . import (
-    ANNOTATION_MEMORY,
-    ANNOTATION_SCHEDULED_TIME,
-    ANNOTATION_SHARD_COUNT,
-    API_VERSION,
-    KIND,
+from importer.contract import (
     LABEL_ATTEMPT,
     LABEL_IMPORTRUN,
     LABEL_MANAGED_BY,
@@ -26,7 +21,10 @@ from . import (
     LABEL_SHARD,
     LABEL_STATE_BUCKET,
     MANAGED_BY,
+    ImporterEnv,
 )
+
+from . import ANNOTATION_MEMORY, ANNOTATION_SCHEDULED_TIME, ANNOTATION_SHARD_COUNT, API_VERSION, KIND
 from .quantity import format_memory
 from .settings import Settings
 from .spec import ImportRunSpec, SecretKeyRef
@@ -210,21 +208,21 @@ def _container(spec: ImportRunSpec, request: JobRequest, settings: Settings) -> 
 def _environment(spec: ImportRunSpec, request: JobRequest, settings: Settings) -> list[dict[str, Any]]:
     source = SOURCE_MOUNT + (f"/{spec.source.sub_path}" if spec.source.sub_path else "")
     env: list[dict[str, Any]] = [
-        _value("IMPORTER_SOURCE", source),
-        _value("IMPORTER_PROVIDER", spec.embedding.provider),
-        _value("IMPORTER_STATE_CONFIGMAP", state_configmap_base(request.owner.name)),
-        {"name": "IMPORTER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        _value("IMPORTER_RUN_NAME", request.owner.name),
-        _value("IMPORTER_SHARD_INDEX", str(request.shard)),
-        _value("IMPORTER_SHARD_COUNT", str(request.shard_count)),
+        _value(ImporterEnv.SOURCE, source),
+        _value(ImporterEnv.PROVIDER, spec.embedding.provider),
+        _value(ImporterEnv.STATE_CONFIGMAP, state_configmap_base(request.owner.name)),
+        {"name": str(ImporterEnv.NAMESPACE), "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        _value(ImporterEnv.RUN_NAME, request.owner.name),
+        _value(ImporterEnv.SHARD_INDEX, str(request.shard)),
+        _value(ImporterEnv.SHARD_COUNT, str(request.shard_count)),
         {
-            "name": "IMPORTER_MEMORY_LIMIT",
+            "name": str(ImporterEnv.MEMORY_LIMIT),
             "valueFrom": {"resourceFieldRef": {"containerName": CONTAINER_NAME, "resource": "limits.memory"}},
         },
-        _value("IMPORTER_MEMORY_FRACTION", str(spec.tuning.operational_memory_fraction)),
-        _value("IMPORTER_BATCH_SIZE", str(spec.tuning.batch_size)),
-        _value("IMPORTER_WORKERS", str(spec.tuning.thread_pool_workers)),
-        _value("IMPORTER_CHUNK_MESSAGES", str(spec.tuning.chunk_messages)),
+        _value(ImporterEnv.MEMORY_FRACTION, str(spec.tuning.operational_memory_fraction)),
+        _value(ImporterEnv.BATCH_SIZE, str(spec.tuning.batch_size)),
+        _value(ImporterEnv.WORKERS, str(spec.tuning.thread_pool_workers)),
+        _value(ImporterEnv.CHUNK_MESSAGES, str(spec.tuning.chunk_messages)),
         # Fewer glibc arenas: many threads otherwise each grow their own and RSS balloons.
         _value("MALLOC_ARENA_MAX", "2"),
         # The root filesystem is read-only: everything that writes goes to the scratch emptyDir.
@@ -233,34 +231,34 @@ def _environment(spec: ImportRunSpec, request: JobRequest, settings: Settings) -
         _value("PYTHONUNBUFFERED", "1"),
     ]
     if spec.qdrant.url is not None:
-        env.append(_value("IMPORTER_QDRANT_URL", spec.qdrant.url))
+        env.append(_value(ImporterEnv.QDRANT_URL, spec.qdrant.url))
     else:
         path = QDRANT_MOUNT + (f"/{spec.qdrant.path}" if spec.qdrant.path else "")
-        env.append(_value("IMPORTER_QDRANT_PATH", path))
+        env.append(_value(ImporterEnv.QDRANT_PATH, path))
     if spec.qdrant.api_key:
-        env.append(_secret("IMPORTER_QDRANT_API_KEY", spec.qdrant.api_key))
+        env.append(_secret(ImporterEnv.QDRANT_API_KEY, spec.qdrant.api_key))
     if spec.embedding.model:
-        env.append(_value("IMPORTER_MODEL", spec.embedding.model))
+        env.append(_value(ImporterEnv.MODEL, spec.embedding.model))
     if spec.embedding.api_key:
-        env.append(_secret("VOYAGE_API_KEY", spec.embedding.api_key))
+        env.append(_secret(ImporterEnv.VOYAGE_API_KEY, spec.embedding.api_key))
     if spec.embedding.base_url:
-        env.append(_value("IMPORTER_VOYAGE_BASE_URL", spec.embedding.base_url))
+        env.append(_value(ImporterEnv.VOYAGE_BASE_URL, spec.embedding.base_url))
     if settings.importer_model_dir:
-        env.append(_value("IMPORTER_MODEL_DIR", settings.importer_model_dir))
+        env.append(_value(ImporterEnv.MODEL_DIR, settings.importer_model_dir))
     if spec.tuning.settle_seconds is not None:
-        env.append(_value("IMPORTER_SETTLE_SECONDS", str(spec.tuning.settle_seconds)))
+        env.append(_value(ImporterEnv.SETTLE_SECONDS, str(spec.tuning.settle_seconds)))
     if spec.tuning.checkpoint_seconds is not None:
-        env.append(_value("IMPORTER_CHECKPOINT_SECONDS", str(spec.tuning.checkpoint_seconds)))
+        env.append(_value(ImporterEnv.CHECKPOINT_SECONDS, str(spec.tuning.checkpoint_seconds)))
     return env
 
 
 def _value(name: str, value: str) -> dict[str, Any]:
-    return {"name": name, "value": value}
+    return {"name": str(name), "value": value}
 
 
 def _secret(name: str, ref: SecretKeyRef) -> dict[str, Any]:
     # Secrets reach the importer only as references: their values never pass through the operator.
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+    return {"name": str(name), "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
 def _volumes(spec: ImportRunSpec) -> list[dict[str, Any]]:

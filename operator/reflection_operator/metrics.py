@@ -1,4 +1,9 @@
-"""Prometheus metrics of the operator (served by prometheus_client's own HTTP server)."""
+"""Prometheus metrics of the operator (served by prometheus_client's own HTTP server).
+
+Names follow the Prometheus naming guide: counters end in ``_total`` (prometheus_client adds it), gauges
+do not. The ImportRun's namespace is the label ``importrun_namespace``: a label called ``namespace`` would
+be renamed ``exported_namespace`` by a scrape that sets the target's own ``namespace`` label.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,17 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start
 
 from .progress import Progress
 
-_LABELS = ("namespace",)
-_RUN_LABELS = ("namespace", "importrun")
+_LABELS = ("importrun_namespace",)
+_RUN_LABELS = ("importrun_namespace", "importrun")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         def counter(name: str, help_text: str) -> Counter:
             return Counter(f"reflection_{name}", help_text, _LABELS, registry=registry)
+
+        def gauge(name: str, help_text: str) -> Gauge:
+            return Gauge(f"reflection_importrun_{name}", help_text, _RUN_LABELS, registry=registry)
 
         self.counters: dict[str, Counter] = {
             "started": counter("runs_started", "Runs started"),
@@ -27,30 +35,35 @@ class Metrics:
             "missed": counter("runs_missed", "Scheduled runs missed (late past the deadline, or not started)"),
         }
         self.reconcile_errors = counter("reconcile_errors", "Reconciliations that failed and will be retried")
-        self.files_total = Gauge(
-            "reflection_files_total",
-            "Files in the source of the current or last run",
-            _RUN_LABELS,
-            registry=registry,
-        )
-        self.files_done = Gauge("reflection_files_done", "Files imported", _RUN_LABELS, registry=registry)
-        self.files_failed = Gauge(
-            "reflection_files_failed", "Files that could not be imported", _RUN_LABELS, registry=registry
-        )
-        self.chunks = Gauge("reflection_chunks", "Chunks (points) written", _RUN_LABELS, registry=registry)
+        self.gauges: dict[str, Gauge] = {
+            "files": gauge("files", "Files in the source, as the current or last run found them"),
+            "files_done": gauge("files_done", "Files of the source imported up to their end (every run so far)"),
+            "files_failed": gauge("files_failed", "Files of the source that could not be imported"),
+            "chunks": gauge("chunks", "Chunks (Qdrant points) written for the source's files (every run so far)"),
+            "run_files_handled": gauge(
+                "run_files_handled", "Files the current or last run has handled (read, unchanged or failed)"
+            ),
+            "run_chunks_written": gauge("run_chunks_written", "Chunks (Qdrant points) the current or last run wrote"),
+        }
 
     def count(self, name: str, namespace: str) -> None:
         self.counters[name].labels(namespace).inc()
 
     def record_progress(self, namespace: str, importrun: str, progress: Progress) -> None:
-        self.files_total.labels(namespace, importrun).set(progress.files_total)
-        self.files_done.labels(namespace, importrun).set(progress.files_done)
-        self.files_failed.labels(namespace, importrun).set(progress.files_failed)
-        self.chunks.labels(namespace, importrun).set(progress.chunks)
+        values = {
+            "files": progress.files_total,
+            "files_done": progress.files_done,
+            "files_failed": progress.files_failed,
+            "chunks": progress.chunks,
+            "run_files_handled": progress.run.files_processed,
+            "run_chunks_written": progress.run.chunks,
+        }
+        for name, value in values.items():
+            self.gauges[name].labels(namespace, importrun).set(value)
 
     def forget(self, namespace: str, importrun: str) -> None:
         """Drops a deleted ImportRun's series."""
-        for gauge in (self.files_total, self.files_done, self.files_failed, self.chunks):
+        for gauge in self.gauges.values():
             with contextlib.suppress(KeyError):  # never recorded
                 gauge.remove(namespace, importrun)
 

@@ -12,14 +12,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from . import (
-    ANNOTATION_MEMORY,
-    ANNOTATION_SHARD_COUNT,
+from pydantic import ValidationError
+
+from importer.contract import (
     LABEL_ATTEMPT,
     LABEL_IMPORTRUN,
     LABEL_RUN_ID,
     LABEL_SHARD,
+    SUMMARY_KEY,
+    ShardSummary,
+    shard_of_summary_key,
 )
+
+from . import ANNOTATION_MEMORY, ANNOTATION_SHARD_COUNT
 from .jobs import ANNOTATION_SPEC, CONTAINER_NAME
 
 ACTIVE, SUCCEEDED, FAILED = "active", "succeeded", "failed"
@@ -169,20 +174,10 @@ def _unschedulable(status: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-@dataclass(frozen=True)
-class ShardSummary:
-    files_total: int = 0
-    files_done: int = 0
-    files_failed: int = 0
-    chunks: int = 0
-    bytes: int = 0
-    phase: str = ""
-    updated_at: str = ""
-
-
 def state_summary(body: Mapping[str, Any]) -> dict[int, ShardSummary]:
-    """The per-shard summary the importer keeps in ``data.summary`` of the first state ConfigMap."""
-    raw = (body.get("data") or {}).get("summary") or "{}"
+    """The per-shard summaries the importer keeps in ``data.summary`` of the first state ConfigMap.
+    An entry that does not fit the contract is left out (a person may have edited it)."""
+    raw = (body.get("data") or {}).get(SUMMARY_KEY) or "{}"
     try:
         parsed = json.loads(raw)
     except ValueError:
@@ -191,20 +186,13 @@ def state_summary(body: Mapping[str, Any]) -> dict[int, ShardSummary]:
     if not isinstance(parsed, dict):
         return shards
     for key, entry in parsed.items():
-        if not (isinstance(key, str) and key.startswith("shard-") and isinstance(entry, dict)):
+        index = shard_of_summary_key(str(key))
+        if index is None:
             continue
-        index = _int(key.removeprefix("shard-"), -1)
-        if index < 0:
+        try:
+            shards[index] = ShardSummary.model_validate(entry)
+        except ValidationError:
             continue
-        shards[index] = ShardSummary(
-            files_total=_int(entry.get("files_total")),
-            files_done=_int(entry.get("files_done")),
-            files_failed=_int(entry.get("files_failed")),
-            chunks=_int(entry.get("chunks")),
-            bytes=_int(entry.get("bytes")),
-            phase=str(entry.get("phase", "")),
-            updated_at=str(entry.get("updated_at", "")),
-        )
     return shards
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import LABEL_MANAGED_BY, MANAGED_BY
+from importer.contract import LABEL_MANAGED_BY, MANAGED_BY
 
 #: What the importer does with its state ConfigMaps, and nothing else: read a bucket (get), add one (create),
 #: write one back under its resourceVersion (update). It never lists, patches or deletes them; a test runs

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import EXIT_MEMORY_BUDGET
+from importer.contract import ExitCode, ShardSummary
+
 from .jobs import JobRequest, Owner, run_id_for
-from .observed import FAILED, SUCCEEDED, JobInfo, PodInfo, ShardSummary, parse_time
+from .observed import FAILED, SUCCEEDED, JobInfo, PodInfo, parse_time
 from .progress import total
 from .quantity import QuantityError, format_memory, parse_quantity_bytes, scale_memory
 from .schedule import Tick, evaluate
@@ -429,7 +430,7 @@ def _failure_of(obs: Observed, job: JobInfo) -> Failure | None:
     assert ended is not None
     if ended.reason == "OOMKilled":
         return Failure(job.shard, "oom", "OOMKilled", f"shard {job.shard} was OOM-killed at its {job.memory} limit")
-    if ended.exit_code == EXIT_MEMORY_BUDGET:
+    if ended.exit_code == ExitCode.MEMORY_BUDGET:
         return Failure(
             job.shard,
             "budget",
@@ -535,8 +536,8 @@ def _succeed(obs: Observed, run: RunRecord, plan: Plan) -> None:
     plan.event(
         "Normal",
         "RunSucceeded",
-        f"imported {progress.text} files ({progress.files_failed} failed), {progress.chunks} chunks, "
-        f"in {took}s and {run.attempt} attempt(s)",
+        f"this run: {progress.describe_run()}; {took}s and {run.attempt} attempt(s) in all; "
+        f"totals: {progress.files_done} of {progress.files_total} files imported, {progress.chunks} chunks",
     )
     plan.counters.append("succeeded")
 
@@ -545,7 +546,7 @@ def _fail(obs: Observed, run: RunRecord, reason: str, message: str, plan: Plan) 
     run.state = RUN_FAILED
     run.completion_time = obs.now
     plan.status["lastFailure"] = {"reason": reason, "message": message, "time": format_time(obs.now)}
-    plan.event("Warning", "RunFailed", message)
+    plan.event("Warning", "RunFailed", f"{message}; this run: {total(obs.summary, run.shards).describe_run()}")
     plan.counters.append("failed")
 
 
@@ -689,7 +690,7 @@ def _create_jobs(obs: Observed, jobs: list[JobInfo], run: RunRecord, shards: lis
             shard_count=run.shards,
             memory=memory,
         )
-        plan.create.append(JobToCreate(request, replace(spec, parallelism=run.shards), raw))
+        plan.create.append(JobToCreate(request, spec.model_copy(update={"parallelism": run.shards}), raw))
     return len(shards)
 
 

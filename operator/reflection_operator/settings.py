@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .quantity import QuantityError, parse_quantity_bytes
 
 PREFIX = "REFLECTION_"
+LOG_FORMATS = ("auto", "json", "plain")
 
 
 class SettingsError(ValueError):
@@ -47,8 +48,8 @@ class Settings:
     liveness_port: int = 8080
     #: Each ImportRun is reconciled at least this often even when nothing is heard of it.
     resync_seconds: float = 300.0
-    #: Log format: json (structured, for the cluster) or plain.
-    log_format: str = "json"
+    #: Log format: json (structured, for the cluster), plain, or auto: plain when standard error is a terminal.
+    log_format: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -88,8 +89,12 @@ class Settings:
             _quantity(f"MIN_MEMORY_{provider.upper()}", value)
         if not self.importer_command:
             raise SettingsError(f"{PREFIX}IMPORTER_COMMAND must not be empty")
-        if self.log_format not in ("json", "plain"):
-            raise SettingsError(f"{PREFIX}LOG_FORMAT={self.log_format!r}: must be json or plain")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"{PREFIX}LOG_FORMAT={self.log_format!r}: must be one of {', '.join(LOG_FORMATS)}")
+
+    def json_logs(self, terminal: bool) -> bool:
+        """Whether to log JSON, given whether standard error is a terminal."""
+        return self.log_format == "json" or (self.log_format == "auto" and not terminal)
 
 
 def _integer(env: Mapping[str, str], name: str, default: int) -> int:

@@ -1,22 +1,44 @@
-"""An ImportRun's spec as a typed object, with the checks the CRD schema cannot make.
+"""An ImportRun's spec as typed pydantic models, with the checks the CRD schema cannot make.
 
-The schema already refuses wrong types, enums, ranges and malformed quantities, and fills in defaults.
-What remains is checked here: cron expressions, time zones, combinations of fields, memory limits against
-what the importer needs. Every problem names its field so that the Ready condition can say what to fix.
-Defaults are applied here too, so that a spec read without the schema (unit tests) means the same thing.
+The models mirror the CRD's openAPIV3Schema field for field (names, types, defaults, bounds, enums: a test
+compares the two), so a spec read without the API server's schema (unit tests, a CRD installed by hand)
+means the same thing. On top of that come the checks the schema cannot make: cron expressions, time zones,
+quantities, combinations of fields, memory limits against what the importer needs. Every problem names its
+field (``spec.resources.memory``) so that the Ready condition can say what to fix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from .quantity import QuantityError, format_memory, parse_quantity_bytes, parse_quantity_decimal
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from .quantity import (
+    CPU_PATTERN,
+    MEMORY_PATTERN,
+    QuantityError,
+    format_memory,
+    parse_quantity_bytes,
+    parse_quantity_decimal,
+)
 from .schedule import CronSchedule, ScheduleError, parse_zone
 from .settings import Settings
 
-PROVIDERS = ("fastembed", "voyage")
 #: core/v1 VolumeSource's fields. The API server turns a volume without a known one into an emptyDir, so a
 #: misspelt source would silently import nothing: it is refused here instead.
 VOLUME_SOURCES = frozenset(
@@ -52,7 +74,8 @@ VOLUME_SOURCES = frozenset(
         "vsphereVolume",
     }
 )
-CONCURRENCY_POLICIES = ("Forbid", "Replace")
+DEFAULT_MAX_MEMORY = "2Gi"
+INVALID_SPEC = "InvalidSpec"
 
 
 @dataclass(frozen=True)
@@ -67,81 +90,180 @@ class Problem:
         return f"{self.field}: {self.message}"
 
 
-@dataclass(frozen=True)
-class SecretKeyRef:
-    name: str
-    key: str
+def _invalid(message: str, reason: str = INVALID_SPEC) -> PydanticCustomError:
+    # The error's type is the condition's reason (CamelCase, unlike pydantic's own snake_case types).
+    return PydanticCustomError(reason, message)
 
 
-@dataclass(frozen=True)
-class SourceSpec:
-    volume: dict[str, Any]
-    sub_path: str
+# -- field types ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class QdrantSpec:
-    url: str | None
-    path: str | None
-    volume: dict[str, Any] | None
-    api_key: SecretKeyRef | None
+def _memory_bytes(value: Any) -> int:
+    if isinstance(value, bool):
+        raise _invalid(f"{value!r} is not a valid quantity")
+    try:
+        return parse_quantity_bytes(value)
+    except QuantityError as error:
+        raise _invalid(str(error)) from error
 
 
-@dataclass(frozen=True)
-class EmbeddingSpec:
-    provider: str
-    model: str | None
-    api_key: SecretKeyRef | None
-    base_url: str | None
+def _cpu(value: Any) -> str:
+    try:
+        positive = parse_quantity_decimal(str(value)) > 0
+    except QuantityError as error:
+        raise _invalid(str(error)) from error
+    if not positive:
+        raise _invalid(f"{value!r} must be positive")
+    return str(value)
 
 
-@dataclass(frozen=True)
-class ResourcesSpec:
-    memory: int  # bytes
-    cpu: str
-    cpu_request: str | None
+def _one_volume_source(value: dict[str, Any]) -> dict[str, Any]:
+    if len(value) != 1:
+        raise _invalid("must name exactly one volume source (e.g. persistentVolumeClaim: {claimName: x})")
+    (kind,) = value
+    if kind not in VOLUME_SOURCES:
+        raise _invalid(f"{kind!r} is not a core/v1 volume source")
+    return value
 
 
-@dataclass(frozen=True)
-class MemoryRetrySpec:
-    factor: float
-    max_memory: int  # bytes
-    max_attempts: int
+def _inside_volume(value: str) -> str:
+    path = value.strip("/")
+    if ".." in path.split("/"):
+        raise _invalid(f"{path!r} must stay inside the volume (no '..')")
+    return path
 
 
-@dataclass(frozen=True)
-class FailureRetrySpec:
-    max_retries: int
-    backoff_seconds: int
+#: Memory quantities in bytes (the CRD keeps them as strings).
+Memory = Annotated[int, BeforeValidator(_memory_bytes), WithJsonSchema({"type": "string", "pattern": MEMORY_PATTERN})]
+Cpu = Annotated[str, BeforeValidator(_cpu), WithJsonSchema({"type": "string", "pattern": CPU_PATTERN})]
+Volume = Annotated[
+    dict[str, Any],
+    AfterValidator(_one_volume_source),
+    WithJsonSchema({"type": "object", "minProperties": 1, "maxProperties": 1}),
+]
+#: A folder inside a volume: relative (the CRD's pattern), without "..".
+SourceFolder = Annotated[str, Field(pattern=r"^[^/].*$", max_length=1024), AfterValidator(_inside_volume)]
+#: The same, "" standing for the volume's root.
+StoreFolder = Annotated[str, Field(pattern=r"^([^/].*)?$", max_length=1024), AfterValidator(_inside_volume)]
+HttpUrl = Annotated[str, Field(pattern=r"^https?://.+")]
 
 
-@dataclass(frozen=True)
-class TuningSpec:
-    batch_size: int
-    thread_pool_workers: int
-    chunk_messages: int
-    operational_memory_fraction: float
-    settle_seconds: float | None
-    checkpoint_seconds: float | None
+class _Section(BaseModel):
+    # camelCase in the resource, snake_case in Python. Unknown fields are the API server's business (it
+    # prunes them); null stands for "not given", as kubectl patches write it.
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        extra="ignore",
+        validate_default=True,
+        arbitrary_types_allowed=True,
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
-@dataclass(frozen=True)
-class ImportRunSpec:
+class SecretKeyRef(_Section):
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+
+
+class SourceSpec(_Section):
+    volume: Volume
+    sub_path: SourceFolder = Field(default="", validate_default=False)
+
+
+class QdrantSpec(_Section):
+    url: HttpUrl | None = None
+    path: StoreFolder | None = None
+    volume: Volume | None = None
+    api_key: SecretKeyRef | None = Field(default=None, alias="apiKeySecretRef")
+
+
+class EmbeddingSpec(_Section):
+    provider: Literal["fastembed", "voyage"] = "fastembed"
+    model: str | None = None
+    api_key: SecretKeyRef | None = Field(default=None, alias="apiKeySecretRef")
+    base_url: HttpUrl | None = None
+
+
+class ResourcesSpec(_Section):
+    #: Bytes. Given by the operator's settings when the spec leaves it out (see ``parse_spec``).
+    memory: Memory
+    cpu: Cpu
+    cpu_request: Cpu | None = None
+
+
+class MemoryRetrySpec(_Section):
+    factor: float = Field(default=1.5, gt=1, le=10)
+    max_memory: Memory = Field(
+        default=parse_quantity_bytes(DEFAULT_MAX_MEMORY), json_schema_extra={"default": DEFAULT_MAX_MEMORY}
+    )
+    max_attempts: int = Field(default=3, ge=1, le=20)
+
+
+class FailureRetrySpec(_Section):
+    max_retries: int = Field(default=2, ge=0, le=20)
+    backoff_seconds: int = Field(default=10, ge=0, le=600)
+
+
+class TuningSpec(_Section):
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    thread_pool_workers: int = Field(default=2, ge=1, le=64)
+    chunk_messages: int = Field(default=5, ge=1, le=1000)
+    operational_memory_fraction: float = Field(default=0.8, ge=0.1, le=1)
+    settle_seconds: float | None = Field(default=None, ge=0)
+    checkpoint_seconds: float | None = Field(default=None, ge=0.1)
+
+
+class ImportRunSpec(_Section):
     source: SourceSpec
     qdrant: QdrantSpec
-    embedding: EmbeddingSpec
-    schedule: CronSchedule | None
-    suspend: bool
-    concurrency_policy: str
-    starting_deadline_seconds: int | None
-    successful_runs_history_limit: int
-    failed_runs_history_limit: int
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
+    # time_zone comes before schedule: the schedule's check reads it.
+    time_zone: str | None = Field(default=None, min_length=1)
+    schedule: Annotated[CronSchedule | None, WithJsonSchema({"type": "string", "minLength": 1})] = None
+    suspend: bool = False
+    concurrency_policy: Literal["Forbid", "Replace"] = "Forbid"
+    starting_deadline_seconds: int | None = Field(default=None, ge=0)
+    successful_runs_history_limit: int = Field(default=3, ge=0)
+    failed_runs_history_limit: int = Field(default=1, ge=0)
+    #: Required here; ``parse_spec`` fills in the operator's defaults before validating.
     resources: ResourcesSpec
-    memory_retry: MemoryRetrySpec
-    failure_retry: FailureRetrySpec
-    parallelism: int
-    tuning: TuningSpec
-    image: str
+    memory_retry: MemoryRetrySpec = Field(default_factory=MemoryRetrySpec)
+    failure_retry: FailureRetrySpec = Field(default_factory=FailureRetrySpec)
+    parallelism: int = Field(default=1, ge=1, le=64)
+    tuning: TuningSpec = Field(default_factory=TuningSpec)
+    #: Required here; ``parse_spec`` fills in the operator's default image.
+    image: str = Field(min_length=1)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:  # checked even without a schedule: a wrong zone is worth saying
+            try:
+                parse_zone(value)
+            except ScheduleError as error:
+                raise _invalid(str(error), "UnknownTimeZone") from error
+        return value
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _cron(cls, value: Any, info: ValidationInfo) -> CronSchedule | None:
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise _invalid(f"{value!r} is not a cron expression (a string)", "InvalidSchedule")
+        try:
+            # An unknown zone was reported above; the expression is still checked, in UTC.
+            return CronSchedule.parse(value, info.data.get("time_zone"))
+        except ScheduleError as error:
+            raise _invalid(str(error), "InvalidSchedule") from error
 
     def secret_refs(self) -> list[tuple[str, SecretKeyRef]]:
         """The Secrets the importer will read, with the field that names each."""
@@ -165,234 +287,77 @@ class ImportRunSpec:
         return claims
 
 
+# -- parsing -------------------------------------------------------------------------------------------
+
+
 def parse_spec(raw: Mapping[str, Any] | None, settings: Settings) -> tuple[ImportRunSpec | None, list[Problem]]:
     """The typed spec and no problems, or None and every problem found."""
-    reader = _Reader(raw or {}, settings)
-    spec = reader.read()
-    return (spec, []) if not reader.problems else (None, reader.problems)
+    try:
+        spec = ImportRunSpec.model_validate(_with_operator_defaults(_plain(raw or {}), settings))
+    except ValidationError as error:
+        return None, [_problem(detail) for detail in error.errors()]
+    problems = _combination_problems(spec, settings)
+    return (spec, []) if not problems else (None, problems)
 
 
-class _Reader:
-    """Reads fields with their defaults and collects problems instead of stopping at the first."""
+def _with_operator_defaults(raw: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The defaults that come from the operator's settings rather than from the CRD."""
+    resources = raw.get("resources")
+    if resources is None or isinstance(resources, dict):
+        given = {k: v for k, v in (resources or {}).items() if v not in (None, "")}
+        raw["resources"] = {"memory": settings.default_memory, "cpu": settings.default_cpu, **given}
+    if not raw.get("image"):
+        raw["image"] = settings.importer_image
+    return raw
 
-    def __init__(self, raw: Mapping[str, Any], settings: Settings) -> None:
-        self.raw = raw
-        self.settings = settings
-        self.problems: list[Problem] = []
 
-    def problem(self, field: str, message: str, reason: str = "InvalidSpec") -> None:
-        self.problems.append(Problem(field, reason, message))
+def _plain(value: Any) -> Any:
+    """kopf hands out read-only mapping views; pydantic reads plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
 
-    def section(self, name: str) -> Mapping[str, Any]:
-        value = self.raw.get(name) or {}
-        if not isinstance(value, Mapping):
-            self.problem(f"spec.{name}", "must be an object")
-            return {}
-        return value
 
-    def read(self) -> ImportRunSpec:
-        embedding = self.embedding()
-        resources = self.resources(embedding.provider)
-        return ImportRunSpec(
-            source=self.source(),
-            qdrant=self.qdrant(),
-            embedding=embedding,
-            schedule=self.schedule(),
-            suspend=bool(self.raw.get("suspend", False)),
-            concurrency_policy=self.choice("concurrencyPolicy", CONCURRENCY_POLICIES, "Forbid"),
-            starting_deadline_seconds=self.optional_int("startingDeadlineSeconds", minimum=0),
-            successful_runs_history_limit=self.integer(self.raw, "spec.successfulRunsHistoryLimit", 3, minimum=0),
-            failed_runs_history_limit=self.integer(self.raw, "spec.failedRunsHistoryLimit", 1, minimum=0),
-            resources=resources,
-            memory_retry=self.memory_retry(resources.memory),
-            failure_retry=self.failure_retry(),
-            parallelism=self.integer(self.raw, "spec.parallelism", 1, minimum=1, maximum=64),
-            tuning=self.tuning(),
-            image=str(self.raw.get("image") or self.settings.importer_image),
+def _problem(detail: ErrorDetails) -> Problem:
+    field = ".".join(["spec", *(str(part) for part in detail["loc"])])
+    ours = detail["type"][:1].isupper()  # raised by a check here, its type a condition reason
+    message, given = detail["msg"], detail.get("input")
+    if not ours and detail["type"] != "missing" and not isinstance(given, dict):
+        message = f"{given!r}: {message}"  # pydantic's own messages do not quote the value
+    return Problem(field, detail["type"] if ours else INVALID_SPEC, message)
+
+
+def _combination_problems(spec: ImportRunSpec, settings: Settings) -> list[Problem]:
+    """The checks that read more than one field."""
+    problems: list[Problem] = []
+
+    def problem(field: str, message: str, reason: str = INVALID_SPEC) -> None:
+        problems.append(Problem(field, reason, message))
+
+    qdrant = spec.qdrant
+    if (qdrant.url is None) == (qdrant.path is None):
+        problem("spec.qdrant", "give exactly one of url (a Qdrant server) or path (an embedded store)")
+    if qdrant.path is not None and qdrant.volume is None:
+        problem("spec.qdrant.volume", "an embedded store (qdrant.path) needs a volume to live on")
+    if qdrant.url is not None and qdrant.volume is not None:
+        problem("spec.qdrant.volume", "only an embedded store (qdrant.path) uses a volume")
+    provider = spec.embedding.provider
+    if provider == "voyage" and spec.embedding.api_key is None:
+        problem("spec.embedding.apiKeySecretRef", "the voyage provider needs an API key Secret")
+    memory = spec.resources.memory
+    minimum = parse_quantity_bytes(settings.min_memory.get(provider, "0") or "1")
+    if memory < minimum:
+        problem(
+            "spec.resources.memory",
+            f"{format_memory(memory)} is below the {format_memory(minimum)} the importer needs to load the "
+            f"{provider} model",
+            "MemoryTooLow",
         )
-
-    # -- sections -------------------------------------------------------------------------------------
-
-    def source(self) -> SourceSpec:
-        section = self.section("source")
-        volume = self.volume(section.get("volume"), "spec.source.volume", required=True)
-        sub_path = str(section.get("subPath") or "").strip("/")
-        if ".." in sub_path.split("/"):
-            self.problem("spec.source.subPath", f"{sub_path!r} must stay inside the volume (no '..')")
-        return SourceSpec(volume=volume or {}, sub_path=sub_path)
-
-    def qdrant(self) -> QdrantSpec:
-        section = self.section("qdrant")
-        url = section.get("url") or None
-        path = section.get("path")
-        volume = self.volume(section.get("volume"), "spec.qdrant.volume", required=False)
-        if (url is None) == (path is None):
-            self.problem("spec.qdrant", "give exactly one of url (a Qdrant server) or path (an embedded store)")
-        if url is not None and not str(url).startswith(("http://", "https://")):
-            self.problem("spec.qdrant.url", f"{url!r} must start with http:// or https://")
-        if path is not None:
-            path = str(path).strip("/")
-            if ".." in path.split("/"):
-                self.problem("spec.qdrant.path", f"{path!r} must stay inside the volume (no '..')")
-            if volume is None:
-                self.problem("spec.qdrant.volume", "an embedded store (qdrant.path) needs a volume to live on")
-        if url is not None and volume is not None:
-            self.problem("spec.qdrant.volume", "only an embedded store (qdrant.path) uses a volume")
-        api_key = self.secret_ref(section.get("apiKeySecretRef"), "spec.qdrant.apiKeySecretRef")
-        return QdrantSpec(url=url, path=path, volume=volume, api_key=api_key)
-
-    def embedding(self) -> EmbeddingSpec:
-        section = self.section("embedding")
-        provider = self.choice("provider", PROVIDERS, "fastembed", section, "spec.embedding")
-        api_key = self.secret_ref(section.get("apiKeySecretRef"), "spec.embedding.apiKeySecretRef")
-        if provider == "voyage" and api_key is None:
-            self.problem("spec.embedding.apiKeySecretRef", "the voyage provider needs an API key Secret")
-        return EmbeddingSpec(
-            provider=provider,
-            model=section.get("model") or None,
-            api_key=api_key,
-            base_url=section.get("baseUrl") or None,
+    if spec.memory_retry.max_memory < memory:
+        problem(
+            "spec.memoryRetry.maxMemory",
+            f"{format_memory(spec.memory_retry.max_memory)} is below spec.resources.memory {format_memory(memory)}",
         )
-
-    def schedule(self) -> CronSchedule | None:
-        expression = self.raw.get("schedule")
-        time_zone = self.raw.get("timeZone") or None
-        if time_zone:  # checked even without a schedule: a wrong zone is worth saying
-            try:
-                parse_zone(str(time_zone))
-            except ScheduleError as error:
-                self.problem(error.field, str(error), "UnknownTimeZone")
-                time_zone = None
-        if not expression:
-            return None
-        try:
-            return CronSchedule.parse(str(expression), time_zone)
-        except ScheduleError as error:
-            self.problem(error.field, str(error), "InvalidSchedule")
-            return None
-
-    def resources(self, provider: str) -> ResourcesSpec:
-        section = self.section("resources")
-        memory = self.memory(section.get("memory") or self.settings.default_memory, "spec.resources.memory")
-        minimum = parse_quantity_bytes(self.settings.min_memory.get(provider, "0") or "1")
-        if memory and memory < minimum:
-            self.problem(
-                "spec.resources.memory",
-                f"{format_memory(memory)} is below the {format_memory(minimum)} the importer needs to load "
-                f"the {provider} model",
-                "MemoryTooLow",
-            )
-        cpu = str(section.get("cpu") or self.settings.default_cpu)
-        cpu_request = section.get("cpuRequest")
-        for field, value in (("cpu", cpu), ("cpuRequest", cpu_request)):
-            if value is not None:
-                self.cpu(str(value), f"spec.resources.{field}")
-        return ResourcesSpec(memory=memory, cpu=cpu, cpu_request=str(cpu_request) if cpu_request else None)
-
-    def memory_retry(self, memory: int) -> MemoryRetrySpec:
-        section = self.section("memoryRetry")
-        factor = float(section.get("factor", 1.5))
-        if factor <= 1:
-            self.problem("spec.memoryRetry.factor", f"{factor} must be greater than 1")
-        max_memory = self.memory(section.get("maxMemory") or "2Gi", "spec.memoryRetry.maxMemory")
-        if memory and max_memory and max_memory < memory:
-            self.problem(
-                "spec.memoryRetry.maxMemory",
-                f"{format_memory(max_memory)} is below spec.resources.memory {format_memory(memory)}",
-            )
-        attempts = self.integer(section, "spec.memoryRetry.maxAttempts", 3, minimum=1, maximum=20)
-        return MemoryRetrySpec(factor=factor, max_memory=max_memory, max_attempts=attempts)
-
-    def failure_retry(self) -> FailureRetrySpec:
-        section = self.section("failureRetry")
-        return FailureRetrySpec(
-            max_retries=self.integer(section, "spec.failureRetry.maxRetries", 2, minimum=0, maximum=20),
-            backoff_seconds=self.integer(section, "spec.failureRetry.backoffSeconds", 10, minimum=0),
-        )
-
-    def tuning(self) -> TuningSpec:
-        section = self.section("tuning")
-        fraction = float(section.get("operationalMemoryFraction", 0.8))
-        if not 0 < fraction <= 1:
-            self.problem("spec.tuning.operationalMemoryFraction", f"{fraction} must be in (0, 1]")
-        settle, checkpoint = section.get("settleSeconds"), section.get("checkpointSeconds")
-        return TuningSpec(
-            batch_size=self.integer(section, "spec.tuning.batchSize", 8, minimum=1),
-            thread_pool_workers=self.integer(section, "spec.tuning.threadPoolWorkers", 2, minimum=1),
-            chunk_messages=self.integer(section, "spec.tuning.chunkMessages", 5, minimum=1),
-            operational_memory_fraction=fraction,
-            settle_seconds=float(settle) if settle is not None else None,
-            checkpoint_seconds=float(checkpoint) if checkpoint is not None else None,
-        )
-
-    # -- field readers ---------------------------------------------------------------------------------
-
-    def volume(self, value: Any, field: str, *, required: bool) -> dict[str, Any] | None:
-        if value is None:
-            if required:
-                self.problem(field, "is required (any core/v1 volume source, e.g. persistentVolumeClaim)")
-            return None
-        if not isinstance(value, Mapping) or len(value) != 1:
-            self.problem(field, "must name exactly one volume source (e.g. persistentVolumeClaim: {claimName: x})")
-            return None
-        (kind,) = value
-        if kind not in VOLUME_SOURCES:
-            self.problem(field, f"{kind!r} is not a core/v1 volume source")
-            return None
-        return dict(value)
-
-    def secret_ref(self, value: Any, field: str) -> SecretKeyRef | None:
-        if value is None:
-            return None
-        if not isinstance(value, Mapping) or not value.get("name") or not value.get("key"):
-            self.problem(field, "needs both name and key")
-            return None
-        return SecretKeyRef(name=str(value["name"]), key=str(value["key"]))
-
-    def memory(self, value: Any, field: str) -> int:
-        try:
-            return parse_quantity_bytes(value)
-        except QuantityError as error:
-            self.problem(field, str(error))
-            return 0
-
-    def cpu(self, value: str, field: str) -> None:
-        try:
-            if parse_quantity_decimal(value) <= 0:
-                self.problem(field, f"{value!r} must be positive")
-        except QuantityError as error:
-            self.problem(field, str(error))
-
-    def choice(
-        self,
-        name: str,
-        allowed: tuple[str, ...],
-        default: str,
-        section: Mapping[str, Any] | None = None,
-        prefix: str = "spec",
-    ) -> str:
-        value = str((self.raw if section is None else section).get(name) or default)
-        if value not in allowed:
-            self.problem(f"{prefix}.{name}", f"{value!r} must be one of {', '.join(allowed)}")
-            return default
-        return value
-
-    def optional_int(self, name: str, minimum: int) -> int | None:
-        if self.raw.get(name) is None:
-            return None
-        return self.integer(self.raw, f"spec.{name}", 0, minimum=minimum)
-
-    def integer(
-        self, section: Mapping[str, Any], field: str, default: int, minimum: int, maximum: int | None = None
-    ) -> int:
-        raw = section.get(field.rsplit(".", 1)[-1], default)
-        try:
-            value = int(raw)
-        except (TypeError, ValueError):
-            self.problem(field, f"{raw!r} is not an integer")
-            return default
-        if value < minimum or (maximum is not None and value > maximum):
-            bounds = f"at least {minimum}" + (f" and at most {maximum}" if maximum is not None else "")
-            self.problem(field, f"{value} must be {bounds}")
-            return default
-        return value
+    return problems

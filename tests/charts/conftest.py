@@ -82,21 +82,6 @@ def logs_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 120, interval: float = 0.5) -> Any:
-    """Polls ``check`` until it returns something truthy; fails after ``timeout`` naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
-
-
-@pytest.fixture(name="wait_for")
-def wait_for_fixture() -> Callable[..., Any]:
-    return wait_for
 
 
 def kubectl_json(cluster: Any, *args: str) -> Any:

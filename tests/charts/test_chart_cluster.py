@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from importer.model import prepare_model
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "reflection-operator"
@@ -86,7 +87,7 @@ def leftovers(kube_cluster: Any, kubectl_json: Any, namespace: str) -> list[tupl
 
 
 def test_helm_install_runs_an_importrun_then_upgrade_rolls_and_uninstall_cleans_up(
-    kube_cluster, cluster_helm, kubectl_json, wait_for, namespace, importrun_crd, logs_tree, tmp_path
+    kube_cluster, cluster_helm, kubectl_json, namespace, importrun_crd, logs_tree, tmp_path
 ):
     liveness, metrics = free_port(), free_port()
     install = cluster_helm.run(
@@ -203,7 +204,7 @@ def test_examples_are_accepted_without_losing_a_field(kube_cluster, namespace, i
             assert is_subset(sent["spec"], got["spec"]), (sent["spec"], got["spec"])
 
 
-def test_kubectl_apply_of_the_manifests_installs_a_running_operator(kube_cluster, kubectl_json, wait_for, importrun_crd):
+def test_kubectl_apply_of_the_manifests_installs_a_running_operator(kube_cluster, kubectl_json, importrun_crd):
     manifests = REPO / "manifests"
     applied = kube_cluster.kubectl_run("apply", "-f", str(manifests))
     try:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import pty
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 import pytest
 from qdrant_client import QdrantClient
 
-from importer.settings import EXIT_FATAL, EXIT_INTERRUPTED
+from importer.contract import ExitCode
 from importer.state.configmap import ConfigMapStateStore
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 Corpus = Callable[..., tuple[Path, dict[str, Any]]]
@@ -69,13 +71,13 @@ def test_the_json_contract(make_corpus: Corpus, model_dir: Path, tmp_path: Path)
 
 def test_settings_come_from_the_environment_and_errors_name_them(tmp_path: Path) -> None:
     missing = _run("run", "--json", env={"IMPORTER_SOURCE": str(tmp_path / "nowhere")})
-    assert missing.returncode == EXIT_FATAL and "--source" in missing.stderr
+    assert missing.returncode == ExitCode.FATAL and "--source" in missing.stderr
     both = _run(
         "run", env={"IMPORTER_SOURCE": str(tmp_path), "IMPORTER_QDRANT_URL": "http://x", "IMPORTER_QDRANT_PATH": "y"}
     )
-    assert both.returncode == EXIT_FATAL and "--qdrant-url" in both.stderr
+    assert both.returncode == ExitCode.FATAL and "--qdrant-url" in both.stderr
     bad_number = _run("run", env={"IMPORTER_SOURCE": str(tmp_path), "IMPORTER_BATCH_SIZE": "many"})
-    assert bad_number.returncode == EXIT_FATAL and "IMPORTER_BATCH_SIZE" in bad_number.stderr
+    assert bad_number.returncode == ExitCode.FATAL and "IMPORTER_BATCH_SIZE" in bad_number.stderr
 
 
 def test_an_unreachable_qdrant_fails_loudly_with_the_state_saved(
@@ -87,7 +89,7 @@ def test_an_unreachable_qdrant_fails_loudly_with_the_state_saved(
         "run", "--source", str(root), "--qdrant-url", f"http://127.0.0.1:{_closed_port()}",
         "--state-file", str(state), "--upsert-attempts", "2",
     )  # fmt: skip
-    assert failed.returncode == EXIT_FATAL
+    assert failed.returncode == ExitCode.FATAL
     assert "Qdrant" in failed.stderr and "2 times" in failed.stderr
     assert state.exists() and _state_files(state) == {}  # nothing acknowledged, nothing claimed
 
@@ -101,13 +103,11 @@ def _start(root: Path, tmp_path: Path) -> subprocess.Popen[str]:
 
 
 def _wait_for_first_checkpoint(state: Path, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if _state_files(state):
-            return
+    def saved() -> dict[str, Any]:
         assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint within 300 s")
+        return _state_files(state)
+
+    wait_for("a first checkpoint", saved, timeout=300, interval=0.05)
 
 
 def test_sigterm_finishes_the_batch_in_flight_saves_and_exits(
@@ -118,7 +118,7 @@ def test_sigterm_finishes_the_batch_in_flight_saves_and_exits(
     _wait_for_first_checkpoint(tmp_path / "s.json", process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == EXIT_INTERRUPTED, err
+    assert process.returncode == ExitCode.INTERRUPTED, err
     assert json.loads(out.strip().splitlines()[-1])["stopped"] == "signal"
     saved = _state_files(tmp_path / "s.json")
     assert 0 < len(saved) < len(manifest["entries"])
@@ -168,11 +168,12 @@ def test_killed_mid_run_and_restarted_imports_every_record_once(
         *state_backend.args,
     )  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not state_backend.load():
+
+    def saved() -> Any:
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.1)
+        return state_backend.load()
+
+    wait_for("a first checkpoint", saved, timeout=300, interval=0.1)
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
@@ -185,3 +186,51 @@ def test_killed_mid_run_and_restarted_imports_every_record_once(
     assert sum(f["messages"] for f in files.values()) == manifest["text_messages"]
     # deterministic ids: what the killed run wrote was overwritten, not duplicated
     assert _points(tmp_path / "q") == sum(f["chunks"] for f in files.values())
+
+
+def test_version_is_the_installed_projects() -> None:
+    done = _run("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"reflection-importer {importlib.metadata.version('reflection-operator')}"
+
+
+_LOG_ONE_LINE = (
+    "import logging; from importer.cli import _configure_logging; _configure_logging(False); "
+    "logging.getLogger('importer.test').warning('disk %s is slow', 'sda')"
+)
+
+
+def test_logs_are_json_lines_when_standard_error_is_not_a_terminal() -> None:
+    done = subprocess.run([sys.executable, "-c", _LOG_ONE_LINE], cwd=REPO, capture_output=True, text=True, timeout=60)
+    record = json.loads(done.stderr.strip())
+    assert (record["levelname"], record["name"], record["message"]) == ("WARNING", "importer.test", "disk sda is slow")
+
+
+def test_logs_are_plain_lines_on_a_terminal() -> None:
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.run([sys.executable, "-c", _LOG_ONE_LINE], cwd=REPO, stderr=terminal, timeout=60)
+        os.close(terminal)
+        terminal = -1
+        output = _read_all(controller)
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert process.returncode == 0
+    line = output.strip()
+    assert line.endswith("WARNING importer.test: disk sda is slow"), line
+    assert not line.startswith("{")
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the terminal's other end is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()

@@ -11,6 +11,7 @@ from typing import Any
 
 from qdrant_client import QdrantClient, models
 
+from importer.contract import ShardSummary
 from importer.pipeline import RunStats
 from importer.reader import discover
 from importer.runner import run_import, search
@@ -48,6 +49,11 @@ def _state(settings: Settings) -> dict[str, FileState]:
     assert settings.state_file is not None
     files = json.loads(settings.state_file.read_text())["files"]
     return {k: FileState.from_json(v) for k, v in files.items()}
+
+
+def _summary(settings: Settings) -> ShardSummary:
+    assert settings.state_file is not None
+    return ShardSummary.model_validate(json.loads(settings.state_file.read_text())["summary"])
 
 
 def _points(settings: Settings, source: str | None = None) -> int:
@@ -115,9 +121,17 @@ async def test_a_second_run_adds_nothing_and_an_append_imports_only_the_new_reco
     assert first.messages == manifest["text_messages"]
     points = _points(settings)
 
+    first_summary = _summary(settings)
+    assert (first_summary.run.chunks, first_summary.chunks) == (first.chunks, points)
+    assert first_summary.run.messages == manifest["text_messages"]
+
     again = await _run(settings)
     assert (again.files, again.messages, again.chunks, again.unchanged) == (0, 0, 0, len(manifest["entries"]))
     assert _points(settings) == points
+    # The summary tells this run's numbers apart from the totals over every run.
+    summary = _summary(settings)
+    assert (summary.run.files_read, summary.run.chunks, summary.run.files_unchanged) == (0, 0, len(manifest["entries"]))
+    assert (summary.chunks, summary.files_done, summary.phase) == (points, summary.files_total, "Succeeded")
 
     grown = manifest["entries"][0]["path"]
     before = _state(settings)[grown]

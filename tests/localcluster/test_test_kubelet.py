@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -15,20 +14,9 @@ from kubernetes import client, utils
 from kubernetes.client.exceptions import ApiException
 
 from localcluster.cluster import LocalCluster
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.cluster
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def create(api: client.ApiClient, namespace: str, *objects: dict[str, Any]) -> None:
@@ -284,7 +272,9 @@ def test_deleting_a_running_pod_stops_its_process(
     pod = python_pod(
         "sleeper",
         script,
-        terminationGracePeriodSeconds=2,
+        # Obeying, the Pod must go as soon as its process exits: far sooner than a grace period of 60 s, however
+        # loaded the machine. Ignoring it, the process is killed when 2 s of grace have run out.
+        terminationGracePeriodSeconds=60 if obeys_sigterm else 2,
         volumes=[{"name": "work", "hostPath": {"path": str(tmp_path)}}],
         container={"volumeMounts": [{"name": "work", "mountPath": "/work"}]},
     )
@@ -294,12 +284,12 @@ def test_deleting_a_running_pod_stops_its_process(
 
     started = time.monotonic()
     client.CoreV1Api(kube_api).delete_namespaced_pod("sleeper", namespace)
-    wait_for("the pod to be gone", lambda: read_pod(kube_api, namespace, "sleeper") is None, timeout=20)
+    wait_for("the pod to be gone", lambda: read_pod(kube_api, namespace, "sleeper") is None, timeout=120)
     elapsed = time.monotonic() - started
     assert not process.is_running()
     assert (tmp_path / "got-sigterm").exists() == obeys_sigterm
     if obeys_sigterm:
-        assert elapsed < 1.5
+        assert elapsed < 60, "the kubelet waited out the grace period although the process had exited"
     else:  # killed only once the grace period ran out
         assert elapsed >= 2
 
@@ -382,8 +372,8 @@ def test_finished_jobs_are_deleted_after_their_ttl(kube_api: client.ApiClient, n
             },
         },
     }
-    created = batch.create_namespaced_job(namespace, job)
-    assert created.spec.ttl_seconds_after_finished == 1
+    created = batch.create_namespaced_job(namespace, cast(Any, job))  # the client takes plain dicts too
+    assert created.spec is not None and created.spec.ttl_seconds_after_finished == 1
 
     def gone() -> bool | None:
         try:

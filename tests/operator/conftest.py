@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,13 +17,15 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 from reflection_operator.jobs import JobRequest, Owner, build_job
-from reflection_operator.observed import JobInfo, PodInfo, ShardSummary, job_info, pod_info
+from reflection_operator.observed import JobInfo, PodInfo, job_info, pod_info
 from reflection_operator.rbac import importer_rbac
 from reflection_operator.reconcile import Observed, Plan, decide
 from reflection_operator.settings import Settings
 from reflection_operator.spec import parse_spec
 
+from importer.contract import ShardSummary
 from importer.model import prepare_model
+from tests.polling import wait_for
 
 T0 = datetime(2026, 1, 5, 10, 0, 0, tzinfo=UTC)
 OWNER = Owner(name="nightly", namespace="team", uid="uid-1")
@@ -230,23 +231,12 @@ class Kubectl:
     def event_reasons(self, importrun: str) -> list[str]:
         return [e["reason"] for e in self.events(importrun)]
 
-    def wait(self, what: str, check: Any, timeout: float = 120, interval: float = 0.5) -> Any:
-        """Polls ``check`` until it returns something truthy; fails after ``timeout`` naming ``what``."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            last = check()
-            if last:
-                return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
-
     def wait_phase(self, name: str, *phases: str, timeout: float = 180) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:
             status = self.status(name)
             return status if status.get("phase") in phases else None
 
-        return dict(self.wait(f"ImportRun {name} phase in {phases}", reached, timeout))
+        return dict(wait_for(f"ImportRun {name} phase in {phases}", reached, timeout))
 
     def release_importruns(self) -> None:
         """Drops kopf's finalizers so that the namespace can go even when no operator runs any more."""

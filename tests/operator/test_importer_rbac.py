@@ -7,13 +7,14 @@ import base64
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from kubernetes import client
 from reflection_operator.rbac import IMPORTER_CONFIGMAP_VERBS, importer_rbac
 
-from importer.state.base import FileState, Summary
+from importer.contract import ShardSummary
+from importer.state.base import FileState
 from importer.state.configmap import ConfigMapStateStore, StateLoadError, StateSaveError
 
 #: The store's word for the request each verb allows (it names the failed request in its errors).
@@ -27,7 +28,7 @@ def as_service_account(kube_api: client.ApiClient, namespace: str, account: str)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for reference in core.read_namespaced_service_account(account, namespace).secrets or []:
-            secret: Any = core.read_namespaced_secret(reference.name, namespace)
+            secret: Any = core.read_namespaced_secret(cast(str, reference.name), namespace)
             if secret.type == "kubernetes.io/service-account-token" and (secret.data or {}).get("token"):
                 configuration = client.Configuration()
                 configuration.host = kube_api.configuration.host
@@ -54,8 +55,8 @@ def importer_lifetime(api: client.CoreV1Api, namespace: str) -> Callable[[], Non
 
     def run() -> None:
         first = ConfigMapStateStore("r", namespace, run_name="r", api=api, max_attempts=1, bucket_limit=2048)
-        first.save(files(400, 1), Summary(phase="Running"))  # creates buckets (more than one: 2 KiB each)
-        first.save(files(400, 2), Summary(phase="Succeeded"))  # writes them again
+        first.save(files(400, 1), ShardSummary(phase="Running"))  # creates buckets (more than one: 2 KiB each)
+        first.save(files(400, 2), ShardSummary(phase="Succeeded"))  # writes them again
         assert first.bucket_count > 1
         assert ConfigMapStateStore("r", namespace, api=api).load() == files(400, 2)
 
@@ -67,9 +68,9 @@ def apply_role(kube_api: client.ApiClient, namespace: str, account: str, verbs: 
     service_account, role, binding = importer_rbac(namespace, account)
     role["rules"][0]["verbs"] = verbs
     core, authz = client.CoreV1Api(kube_api), client.RbacAuthorizationV1Api(kube_api)
-    core.create_namespaced_service_account(namespace, service_account)
-    authz.create_namespaced_role(namespace, role)
-    authz.create_namespaced_role_binding(namespace, binding)
+    core.create_namespaced_service_account(namespace, cast(Any, service_account))  # plain dicts work too
+    authz.create_namespaced_role(namespace, cast(Any, role))
+    authz.create_namespaced_role_binding(namespace, cast(Any, binding))
 
 
 def test_the_state_store_works_under_exactly_the_importer_role(kube_api: client.ApiClient, namespace: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from reflection_operator.quantity import CPU_PATTERN, MEMORY_PATTERN, format_memory, scale_memory
 from reflection_operator.settings import Settings, SettingsError
-from reflection_operator.spec import parse_spec
+from reflection_operator.spec import ImportRunSpec, parse_spec
 
 CRD = Path(__file__).parents[2] / "charts/reflection-operator/crds/importruns.reflection.dev.yaml"
 SETTINGS = Settings()
@@ -137,3 +137,71 @@ def test_the_crd_defaults_are_the_codes(make_world):
     by_parser, problems = parse_spec(make_world.base_spec(), SETTINGS)
     assert not problems
     assert parse_spec(by_server, SETTINGS)[0] == by_parser
+
+
+#: Optional in the CRD, filled in from the operator's settings before the models read the spec.
+FILLED_BY_THE_OPERATOR = {"spec.resources", "spec.resources.memory", "spec.resources.cpu", "spec.image"}
+#: Keywords that mean the same in the CRD (OpenAPI v3.0) and in pydantic's JSON Schema.
+COMPARED = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "pattern", "minLength", "maxLength")
+COMPARED_OBJECT = ("minProperties", "maxProperties")
+
+
+def _resolve(schema: dict, defs: dict) -> dict:
+    """The schema a model field stands for: references followed, ``X | None`` read as X."""
+    if "$ref" in schema:
+        return _resolve(defs[schema["$ref"].rsplit("/", 1)[-1]], defs) | {
+            k: v for k, v in schema.items() if k != "$ref"
+        }
+    options = [option for option in schema.get("anyOf", []) if option.get("type") != "null"]
+    if len(options) == 1:
+        return _resolve(options[0], defs) | {k: v for k, v in schema.items() if k != "anyOf"}
+    return schema
+
+
+def _openapi_v3_0(schema: dict) -> dict:
+    """The CRD's ``minimum: x, exclusiveMinimum: true`` as JSON Schema's ``exclusiveMinimum: x``."""
+    if schema.get("exclusiveMinimum") is True:
+        return {k: v for k, v in schema.items() if k != "minimum"} | {"exclusiveMinimum": schema["minimum"]}
+    return schema
+
+
+def _drift(crd: dict, model: dict, defs: dict, path: str) -> list[str]:
+    crd, model = _openapi_v3_0(crd), _resolve(model, defs)
+    found = [
+        f"{path}: {keyword} is {crd.get(keyword)!r} in the CRD, {model.get(keyword)!r} in the model"
+        for keyword in COMPARED + (COMPARED_OBJECT if crd.get("type") == "object" else ())
+        if crd.get(keyword) != model.get(keyword)
+    ]
+    crd_default, model_default = crd.get("default"), model.get("default")
+    # Object defaults ({}) are the API server's way to default the fields inside; test_the_crd_defaults_are_the_codes
+    # checks those. A model default of None or "" means the same as no default.
+    given = crd_default is not None or model_default not in (None, "")
+    if given and not isinstance(crd_default, dict) and crd_default != model_default:
+        found.append(f"{path}: default is {crd_default!r} in the CRD, {model_default!r} in the model")
+    crd_properties, model_properties = crd.get("properties", {}), model.get("properties", {})
+    if set(crd_properties) != set(model_properties):
+        found.append(f"{path}: fields {sorted(crd_properties)} in the CRD, {sorted(model_properties)} in the model")
+    required = {f"{path}.{name}" for name in model.get("required", [])} - FILLED_BY_THE_OPERATOR
+    if required != {f"{path}.{name}" for name in crd.get("required", [])}:
+        found.append(f"{path}: required {crd.get('required')} in the CRD, {model.get('required')} in the model")
+    for name in set(crd_properties) & set(model_properties):
+        found.extend(_drift(crd_properties[name], model_properties[name], defs, f"{path}.{name}"))
+    return found
+
+
+def test_the_crd_schema_and_the_spec_models_agree():
+    """The CRD's openAPIV3Schema and the pydantic models are two descriptions of one spec: they must not drift."""
+    crd = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    model = ImportRunSpec.model_json_schema(by_alias=True)
+    assert _drift(crd, model, model.get("$defs", {}), "spec") == []
+
+
+def test_the_drift_check_notices_a_changed_bound():
+    crd = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    crd["properties"]["parallelism"]["maximum"] = 65
+    del crd["properties"]["tuning"]["properties"]["batchSize"]
+    model = ImportRunSpec.model_json_schema(by_alias=True)
+    found = _drift(crd, model, model.get("$defs", {}), "spec")
+    assert "spec.parallelism: maximum is 65 in the CRD, 64 in the model" in found
+    assert [line for line in found if line.startswith("spec.tuning: fields")], found
+    assert len(found) == 2, found

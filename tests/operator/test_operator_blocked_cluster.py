@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from reflection_operator.rbac import importer_rbac
 
+from tests.polling import wait_for
+
 
 def ready_condition(k8s, name: str) -> dict:
     conditions = k8s.status(name).get("conditions") or []
@@ -31,7 +33,7 @@ def test_a_missing_importer_service_account_is_reported_and_the_run_recovers(
     k8s.run("delete", "serviceaccount", "reflection-importer")
     k8s.apply(claim("qdrant-nosa"), embedded_importrun("nosa", source))
     with run_operator(k8s.namespace):
-        ready = k8s.wait("MissingServiceAccount", lambda: blocked_by(k8s, "nosa", "MissingServiceAccount"), timeout=90)
+        ready = wait_for("MissingServiceAccount", lambda: blocked_by(k8s, "nosa", "MissingServiceAccount"), timeout=90)
         assert f"importer-rbac -n {k8s.namespace}" in ready["message"]
         status = k8s.status("nosa")
         assert status["phase"] == "Pending"
@@ -40,7 +42,7 @@ def test_a_missing_importer_service_account_is_reported_and_the_run_recovers(
         assert pods_of(k8s, "nosa") == []
 
         k8s.apply(*importer_rbac(k8s.namespace))  # the fix the message names
-        k8s.wait("a Pod and Ready=True", lambda: recovered(k8s, "nosa"), timeout=120)
+        wait_for("a Pod and Ready=True", lambda: recovered(k8s, "nosa"), timeout=120)
         assert "PodsCreated" in k8s.event_reasons("nosa")
         assert k8s.status("nosa")["attempt"] == 1  # a refused Pod costs no attempt
 
@@ -58,11 +60,11 @@ def test_a_resource_quota_that_refuses_the_pod_is_reported_and_the_run_recovers(
     k8s.apply(quota)
     k8s.apply(claim("qdrant-quota"), embedded_importrun("quota", source))  # asks for 1Gi
     with run_operator(k8s.namespace):
-        ready = k8s.wait("QuotaExceeded", lambda: blocked_by(k8s, "quota", "QuotaExceeded"), timeout=90)
+        ready = wait_for("QuotaExceeded", lambda: blocked_by(k8s, "quota", "QuotaExceeded"), timeout=90)
         assert "small" in ready["message"] and "spec.resources" in ready["message"]
         assert pods_of(k8s, "quota") == []
         k8s.run("delete", "resourcequota", "small")
-        k8s.wait("a Pod and Ready=True", lambda: recovered(k8s, "quota"), timeout=120)
+        wait_for("a Pod and Ready=True", lambda: recovered(k8s, "quota"), timeout=120)
 
 
 def test_a_namespace_pod_security_level_that_refuses_the_volume_blocks_the_run_until_relabelled(
@@ -74,13 +76,13 @@ def test_a_namespace_pod_security_level_that_refuses_the_volume_blocks_the_run_u
     k8s.run("label", "namespace", k8s.namespace, f"{label}=baseline")
     k8s.apply(claim("qdrant-pss"), embedded_importrun("pss", source))  # source is a hostPath
     with run_operator(k8s.namespace):
-        ready = k8s.wait("PodSecurityLevel", lambda: blocked_by(k8s, "pss", "PodSecurityLevel"), timeout=90)
+        ready = wait_for("PodSecurityLevel", lambda: blocked_by(k8s, "pss", "PodSecurityLevel"), timeout=90)
         assert ready["message"].startswith("spec.source.volume:") and "hostPath" in ready["message"]
         assert "PodSecurityLevel" in k8s.event_reasons("pss")
         assert k8s.jobs("pss") == []
         k8s.run("label", "namespace", k8s.namespace, f"{label}-")
-        k8s.wait("a Job and Ready=True", lambda: ready_condition(k8s, "pss").get("status") == "True", timeout=90)
-        k8s.wait("a Job", lambda: k8s.jobs("pss"), timeout=60)
+        wait_for("a Job and Ready=True", lambda: ready_condition(k8s, "pss").get("status") == "True", timeout=90)
+        wait_for("a Job", lambda: k8s.jobs("pss"), timeout=60)
 
 
 def test_kubectl_shows_the_next_run_as_a_time(k8s, run_operator, small_corpus, embedded_importrun):

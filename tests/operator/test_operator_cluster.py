@@ -3,10 +3,12 @@ the real importer as a process, embedded Qdrant stores on claim folders."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import time
 
 from kubernetes import client
+
+from tests.polling import wait_for
 
 
 def manifest_files(manifest: dict) -> int:
@@ -26,7 +28,7 @@ def test_an_importrun_imports_everything_once_and_kubectl_shows_it(
             seen_progress.add(status.get("progress", ""))
             return status if status.get("phase") in ("Succeeded", "Failed") else None
 
-        status = k8s.wait("the run to finish", finished, timeout=240)
+        status = wait_for("the run to finish", finished, timeout=240)
         table = k8s.run("get", "importruns").stdout
         wide = k8s.run("get", "ir", "-o", "wide").stdout
 
@@ -35,6 +37,8 @@ def test_an_importrun_imports_everything_once_and_kubectl_shows_it(
     assert status["filesTotal"] == status["filesDone"] == files
     assert status["progress"] == f"{files}/{files}" and status["percent"] == 100
     assert status["chunks"] > 0
+    # A first run: what it did is everything there is.
+    assert status["runNumbers"]["filesUnchanged"] == 0 and status["runNumbers"]["chunks"] == status["chunks"]
     assert status["chunks"] == qdrant_points(kube_cluster.pvc_dir(k8s.namespace, "qdrant-logs") / "store")
     assert status["lastScheduleTime"] and status["completionTime"] and status["lastSuccessfulTime"]
     assert status["active"] == [] if "active" in status else True
@@ -82,13 +86,16 @@ def test_a_bad_cron_expression_sets_ready_false_until_fixed(k8s, run_operator, e
             conditions = k8s.status("cron").get("conditions") or []
             return next((c for c in conditions if c["type"] == "Ready" and c["status"] == "False"), None)
 
-        ready = k8s.wait("Ready=False", not_ready, timeout=60)
+        ready = wait_for("Ready=False", not_ready, timeout=60)
         assert ready["reason"] == "InvalidSchedule" and "spec.schedule" in ready["message"]
         warnings = [e for e in k8s.events("cron") if e["type"] == "Warning"]
         assert any("spec.schedule" in e["message"] for e in warnings)
-        time.sleep(2)
+        # Jobs are created before the status is written: once the status is of the current generation, the
+        # operator has carried out what it decided for this spec, and a Job it made would exist.
+        generation = k8s.get("importrun", "cron")["metadata"]["generation"]
+        wait_for("the current spec handled", lambda: k8s.status("cron").get("observedGeneration") == generation, 60)
         assert k8s.jobs("cron") == []
-        assert k8s.status("cron")["phase"] == "Pending"
+        assert k8s.status("cron")["phase"] == "Pending" and not k8s.status("cron").get("run")
 
         # Fixing the spec recovers without recreating the ImportRun (suspended: no run is needed here).
         k8s.run("patch", "importrun", "cron", "--type=merge", "-p", '{"spec":{"schedule":"0 3 * * *","suspend":true}}')
@@ -97,7 +104,7 @@ def test_a_bad_cron_expression_sets_ready_false_until_fixed(k8s, run_operator, e
             conditions = k8s.status("cron").get("conditions") or []
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
-        k8s.wait("Ready=True", ready_again, timeout=60)
+        wait_for("Ready=True", ready_again, timeout=60)
         assert k8s.status("cron")["phase"] == "Suspended"
         assert k8s.status("cron")["observedGeneration"] == 2
 
@@ -167,12 +174,12 @@ def test_a_missing_secret_shows_on_the_importrun_until_it_exists(k8s, run_operat
     }
     k8s.apply(body)
     with run_operator(k8s.namespace):
-        ready = k8s.wait("Ready=False", lambda: ready_false(k8s, "keyed"), timeout=90)
+        ready = wait_for("Ready=False", lambda: ready_false(k8s, "keyed"), timeout=90)
         assert ready["reason"] == "MissingSecret" and "spec.qdrant.apiKeySecretRef" in ready["message"]
         assert k8s.status("keyed")["phase"] == "Pending"
         assert k8s.status("keyed")["lastFailure"]["reason"] == "MissingSecret"
         k8s.run("create", "secret", "generic", "qdrant", "--from-literal=api-key=s3cret")
-        k8s.wait("Ready=True once the Secret exists", lambda: ready_true(k8s, "keyed"), timeout=90)
+        wait_for("Ready=True once the Secret exists", lambda: ready_true(k8s, "keyed"), timeout=90)
         assert "PodsCreated" in k8s.event_reasons("keyed")
     job = k8s.jobs("keyed")[0]
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -199,8 +206,8 @@ def test_a_restarted_operator_adopts_its_job_instead_of_making_another(
     source, _ = small_corpus
     k8s.apply(claim("qdrant-restart"), embedded_importrun("restart", source))
     with run_operator(k8s.namespace):
-        k8s.wait("the Job", lambda: k8s.jobs("restart"), timeout=60)
-        k8s.wait("the status to record the run", lambda: k8s.status("restart").get("run"), timeout=30)
+        wait_for("the Job", lambda: k8s.jobs("restart"), timeout=60)
+        wait_for("the status to record the run", lambda: k8s.status("restart").get("run"), timeout=30)
     job_names = [j["metadata"]["name"] for j in k8s.jobs("restart")]
     # The worst case: the operator stopped after making the Job but before recording it in the status.
     client.CustomObjectsApi(kube_api).patch_namespaced_custom_object_status(
@@ -227,15 +234,38 @@ def test_a_schedule_fires_and_forbid_skips_while_a_run_is_active(
     # so a run is still active when the next is due.
     k8s.apply(claim("qdrant-every"), embedded_importrun("every", source, schedule="* * * * * *"))
     with run_operator(k8s.namespace):
-        k8s.wait("a run skipped", lambda: "RunSkipped" in k8s.event_reasons("every"), timeout=120)
+        wait_for("a run skipped", lambda: "RunSkipped" in k8s.event_reasons("every"), timeout=120)
         status = k8s.status("every")
         assert status["lastScheduleTime"] and status["nextScheduleTime"]
         assert len([j for j in k8s.jobs("every") if not j.get("status", {}).get("completionTime")]) <= 1
         k8s.run("patch", "importrun", "every", "--type=merge", "-p", '{"spec":{"suspend":true}}')
         status = k8s.wait_phase("every", "Suspended", timeout=120)
     assert status.get("nextScheduleTime") is None
-    run_ids = {j["metadata"]["labels"]["reflection.dev/run-id"] for j in k8s.jobs("every")}
-    assert len(run_ids) >= 1
+    # Forbid: one run after another, never two at once. Each run's Jobs span [first start, last end]; a run
+    # still going at the end (suspend lets it finish) is the last one.
+    spans = sorted(_run_spans(k8s.jobs("every")).items(), key=lambda item: item[1][0])
+    assert spans, "no run started"
+    for (earlier, (_, ended)), (later, (started, _)) in itertools.pairwise(spans):
+        assert ended is not None and ended <= started, f"run {later} started while run {earlier} was active"
+
+
+def _run_spans(jobs: list[dict]) -> dict[str, tuple[str, str | None]]:
+    """Per run id: when its first Job started and when its last Job ended (None while one is active)."""
+    spans: dict[str, tuple[str, str | None]] = {}
+    for job in jobs:
+        run_id = job["metadata"]["labels"]["reflection.dev/run-id"]
+        status = job.get("status") or {}
+        started = status.get("startTime") or job["metadata"]["creationTimestamp"]
+        finished = [
+            c["lastTransitionTime"] for c in status.get("conditions") or [] if c["type"] in ("Complete", "Failed")
+        ]
+        ended = max(finished) if finished else None
+        if run_id in spans:
+            first, last = spans[run_id]
+            started = min(first, started)
+            ended = None if last is None or ended is None else max(last, ended)
+        spans[run_id] = (started, ended)
+    return spans
 
 
 def test_replace_stops_the_active_run_and_the_next_resumes(
@@ -248,11 +278,11 @@ def test_replace_stops_the_active_run_and_the_next_resumes(
         embedded_importrun("replace", source, schedule="* * * * * *", concurrencyPolicy="Replace"),
     )
     with run_operator(k8s.namespace):
-        k8s.wait("a run replaced", lambda: "RunReplaced" in k8s.event_reasons("replace"), timeout=120)
+        wait_for("a run replaced", lambda: "RunReplaced" in k8s.event_reasons("replace"), timeout=120)
         k8s.run("patch", "importrun", "replace", "--type=merge", "-p", '{"spec":{"suspend":true}}')
         status = k8s.wait_phase("replace", "Suspended", timeout=240)
         # Suspending stops new runs, not the running one: wait for it to end.
-        k8s.wait("the last run to end", lambda: not k8s.status("replace").get("active"), timeout=240)
+        wait_for("the last run to end", lambda: not k8s.status("replace").get("active"), timeout=240)
         status = k8s.status("replace")
     assert status["run"]["state"] == "Succeeded", status
     assert status["chunks"] == qdrant_points(kube_cluster.pvc_dir(k8s.namespace, "qdrant-replace") / "store")
@@ -263,12 +293,12 @@ def test_deleting_an_importrun_removes_its_jobs_and_state(k8s, run_operator, sma
     source, _ = small_corpus
     k8s.apply(claim("qdrant-gone"), embedded_importrun("gone", source))
     with run_operator(k8s.namespace):
-        k8s.wait("the Job", lambda: k8s.jobs("gone"), timeout=60)
-        k8s.wait("the state ConfigMap", lambda: k8s.get("configmap", "gone-state-0"), timeout=60)
+        wait_for("the Job", lambda: k8s.jobs("gone"), timeout=60)
+        wait_for("the state ConfigMap", lambda: k8s.get("configmap", "gone-state-0"), timeout=60)
         k8s.run("delete", "importrun", "gone", "--wait=true", "--timeout=60s")
-        k8s.wait("the Jobs to go", lambda: k8s.jobs("gone") == [], timeout=90)
-        k8s.wait("the state to go", lambda: k8s.get("configmap", "gone-state-0") is None, timeout=90)
-        k8s.wait("the Pods to go", lambda: k8s.get("pods", selector="reflection.dev/importrun=gone") == [], timeout=90)
+        wait_for("the Jobs to go", lambda: k8s.jobs("gone") == [], timeout=90)
+        wait_for("the state to go", lambda: k8s.get("configmap", "gone-state-0") is None, timeout=90)
+        wait_for("the Pods to go", lambda: k8s.get("pods", selector="reflection.dev/importrun=gone") == [], timeout=90)
 
 
 def test_a_job_the_api_server_refuses_sets_ready_false_until_the_spec_changes(
@@ -285,7 +315,7 @@ def test_a_job_the_api_server_refuses_sets_ready_false_until_the_spec_changes(
             conditions = k8s.status("refused").get("conditions") or []
             return next((c for c in conditions if c["type"] == "Ready" and c["status"] == "False"), None)
 
-        ready = k8s.wait("Ready=False", not_ready, timeout=60)
+        ready = wait_for("Ready=False", not_ready, timeout=60)
         assert ready["reason"] == "JobRejected" and "hostPath" in ready["message"]
         assert "JobRejected" in k8s.event_reasons("refused")
         assert k8s.jobs("refused") == []

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.polling import wait_for
+
 RBAC = Path(__file__).resolve().parents[2] / "operator" / "rbac.yaml"
 
 
@@ -46,7 +48,7 @@ def operator_kubeconfig(k8s, kube_cluster, tmp_path: Path) -> Iterator[Path]:
             "subjects": [{"kind": "ServiceAccount", "name": "reflection-operator", "namespace": k8s.namespace}],
         },
     )
-    account = k8s.wait(
+    account = wait_for(
         "the ServiceAccount's token", lambda: (k8s.get("sa", "reflection-operator") or {}).get("secrets")
     )
     secret = k8s.get("secret", account[0]["name"])
@@ -93,7 +95,7 @@ def test_the_operator_works_with_only_the_permissions_of_its_role(
     with run_operator(k8s.namespace) as runner:
         status = k8s.wait_phase("limited", "Failed", timeout=240)
         # failedRunsHistoryLimit 0: the failed run's Job is deleted once its outcome is recorded.
-        k8s.wait("the failed Job to be deleted", lambda: k8s.jobs("limited") == [], timeout=60)
+        wait_for("the failed Job to be deleted", lambda: k8s.jobs("limited") == [], timeout=60)
         k8s.run("delete", "importrun", "limited", "--wait=true", "--timeout=60s")
     assert status["lastFailure"]["reason"] == "Error"
     assert {"RunStarted", "RunFailed"} <= set(k8s.event_reasons("limited"))
@@ -129,7 +131,7 @@ def test_python_dash_m_runs_the_operator_with_liveness_metrics_and_json_logs(
         [sys.executable, "-m", "reflection_operator"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
-        k8s.wait("the ImportRun to be suspended", lambda: k8s.status("entry").get("phase") == "Suspended", 60)
+        wait_for("the ImportRun to be suspended", lambda: k8s.status("entry").get("phase") == "Suspended", 60)
         code, _ = http_get(f"http://127.0.0.1:{liveness}/healthz")
         assert code == 200
         code, text = http_get(f"http://127.0.0.1:{metrics}/metrics")

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from reflection_operator.jobs import job_name
-from reflection_operator.observed import ShardSummary
 from reflection_operator.spec import Problem
+
+from importer.contract import RunNumbers, ShardSummary
+
+# The simulated world's names, set by the fixture below (the world lives in conftest.py).
+World: Any
+T0: datetime
+RUN0: str
+base_spec: Callable[..., dict[str, Any]]
+iso: Callable[[datetime], str]
 
 
 @pytest.fixture(autouse=True)
@@ -39,17 +49,33 @@ def test_run_once_starts_one_job_and_reports_pending_then_running_then_succeeded
 
     job = f"nightly-{RUN0}-1-0"
     world.start_pod(job)
-    world.summary = {0: ShardSummary(files_total=10, files_done=3, chunks=40, phase="Running")}
+    # Totals (files_done, chunks) count earlier runs too; progress is this run's.
+    so_far = RunNumbers(files_read=1, files_unchanged=2, chunks=12, messages=30)
+    world.summary = {0: ShardSummary(files_total=10, files_done=8, chunks=40, phase="Running", run=so_far)}
     plan = world.step()
     assert not plan.create and not plan.events
     assert world.status["phase"] == "Running"
-    assert (world.status["progress"], world.status["percent"], world.status["chunks"]) == ("3/10", 30, 40)
+    assert (world.status["progress"], world.status["percent"]) == ("3/10", 30)
+    assert (world.status["runNumbers"]["chunks"], world.status["chunks"]) == (12, 40)
 
     world.advance(20)
-    world.summary = {0: ShardSummary(files_total=10, files_done=10, chunks=90, phase="Succeeded")}
+    done = RunNumbers(files_read=1, files_unchanged=9, chunks=12, messages=30, skipped={"bad_json": 2}, seconds=19)
+    world.summary = {0: ShardSummary(files_total=10, files_done=10, chunks=90, phase="Succeeded", run=done)}
     world.end_pod(job, 0)
     plan = world.step()
     assert reasons(plan) == ["RunSucceeded"] and plan.counters == ["succeeded"]
+    message = plan.events[0].message
+    assert "1 files read, 9 unchanged, 0 failed, 30 messages, 12 chunks written, skipped lines: bad_json 2" in message
+    assert "totals: 10 of 10 files imported, 90 chunks" in message
+    assert world.status["runNumbers"] == {
+        "filesRead": 1,
+        "filesUnchanged": 9,
+        "filesFailed": 0,
+        "messages": 30,
+        "chunks": 12,
+        "skippedLines": [{"reason": "bad_json", "lines": 2}],
+        "seconds": 19.0,
+    }
     assert world.status["phase"] == "Succeeded"
     assert world.status["completionTime"] == iso(world.now)
     assert world.status["lastSuccessfulTime"] == iso(world.now)
@@ -182,13 +208,39 @@ def test_progress_sums_the_shards_of_the_current_run_only():
     world = World(base_spec(parallelism=2))
     world.step()
     world.summary = {
-        0: ShardSummary(files_total=5, files_done=5, chunks=10),
-        1: ShardSummary(files_total=4, files_done=1, chunks=3, files_failed=1),
-        2: ShardSummary(files_total=100, files_done=100, chunks=1000),  # left over from parallelism 3
+        0: ShardSummary(files_total=5, files_done=5, chunks=10, run=RunNumbers(files_read=5, chunks=10, seconds=3)),
+        1: ShardSummary(
+            files_total=4,
+            files_done=1,
+            chunks=3,
+            files_failed=1,
+            run=RunNumbers(files_unchanged=1, files_failed=1, skipped={"too_long": 1}, seconds=4),
+        ),
+        # Left over from parallelism 3:
+        2: ShardSummary(files_total=100, files_done=100, chunks=1000, run=RunNumbers(files_read=100, chunks=1000)),
     }
     world.step()
-    assert world.status["progress"] == "6/9" and world.status["chunks"] == 13
-    assert world.status["filesFailed"] == 1 and world.status["percent"] == 66
+    assert world.status["progress"] == "7/9" and world.status["chunks"] == 13
+    assert world.status["filesFailed"] == 1 and world.status["percent"] == 77
+    numbers = world.status["runNumbers"]
+    assert (numbers["filesRead"], numbers["filesUnchanged"], numbers["filesFailed"], numbers["chunks"]) == (5, 1, 1, 10)
+    assert numbers["skippedLines"] == [{"reason": "too_long", "lines": 1}]
+    assert numbers["seconds"] == 4  # the slowest shard
+
+
+def test_run_events_carry_this_runs_numbers_not_the_totals():
+    """A run that finds nothing new says it wrote 0 chunks, even when earlier runs wrote many."""
+    world = World()
+    world.step()
+    job = f"nightly-{RUN0}-1-0"
+    world.start_pod(job)
+    nothing_new = RunNumbers(files_unchanged=4, seconds=1)
+    world.summary = {0: ShardSummary(files_total=4, files_done=4, chunks=28, phase="Succeeded", run=nothing_new)}
+    world.end_pod(job, 0)
+    plan = world.step()
+    assert reasons(plan) == ["RunSucceeded"]
+    assert "0 files read, 4 unchanged, 0 failed, 0 messages, 0 chunks written" in plan.events[0].message
+    assert world.status["runNumbers"]["chunks"] == 0 and world.status["chunks"] == 28
 
 
 # -- schedules -----------------------------------------------------------------------------------------

@@ -86,23 +86,16 @@ async def test_query_embedding_matches_document_embedding(embedder: LocalEmbedde
 
 
 async def test_embedding_does_not_block_the_event_loop(embedder: LocalEmbedder) -> None:
-    ticks: list[float] = []
-
-    async def ticker() -> None:
-        while True:
-            ticks.append(time.perf_counter())
-            await asyncio.sleep(0.01)
-
+    """Other coroutines run while a batch is embedded: counted by what they see, not by how long they wait,
+    so a loaded machine cannot make it fail. Embedding on the event loop itself would leave no tick in between."""
     chunks = [f"log line {n}: the container exceeded its memory limit. " * 18 for n in range(48)]
-    ticking = asyncio.create_task(ticker())
-    started = time.perf_counter()
-    await embedder.embed(chunks)
-    elapsed = time.perf_counter() - started
-    ticking.cancel()
-    gaps = np.diff(ticks)
-    assert elapsed > 0.5, "the batch should take long enough for the check to mean something"
-    assert len(ticks) > elapsed / 0.01 * 0.3
-    assert gaps.max() < 0.25
+    embedding = asyncio.create_task(embedder.embed(chunks))
+    ticks_while_embedding = 0
+    while not embedding.done():
+        ticks_while_embedding += 1
+        await asyncio.sleep(0.001)  # a turn of the loop: possible only while embedding leaves it free
+    assert len(await embedding) == len(chunks)
+    assert ticks_while_embedding >= 5, ticks_while_embedding
 
 
 async def test_model_reads_only_the_first_256_tokens(embedder: LocalEmbedder) -> None:

@@ -17,17 +17,13 @@ from importer.embed.voyage import (
     estimate_tokens,
     plan_requests,
 )
-
-try:  # the tests directory may or may not be a package
-    from .fake_voyage import FAKE_API_KEY, FakeFailure, FakeVoyageServer, fake_token_count, fake_vector
-except ImportError:
-    from fake_voyage import (
-        FAKE_API_KEY,
-        FakeFailure,
-        FakeVoyageServer,
-        fake_token_count,
-        fake_vector,
-    )
+from tests.importer.embed.fake_voyage import (
+    FAKE_API_KEY,
+    FakeFailure,
+    FakeVoyageServer,
+    fake_token_count,
+    fake_vector,
+)
 
 MakeEmbedder = Callable[..., VoyageEmbedder]
 

@@ -17,12 +17,15 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from importer.state.base import FileState, Summary
+from importer.contract import (
+    ANNOTATION_STATE_BUCKETS,
+    LABEL_IMPORTRUN,
+    LABEL_MANAGED_BY,
+    LABEL_STATE_BUCKET,
+    ShardSummary,
+)
+from importer.state.base import FileState
 from importer.state.configmap import (
-    BUCKET_LABEL,
-    BUCKETS_ANNOTATION,
-    IMPORTRUN_LABEL,
-    MANAGED_BY_LABEL,
     STATE_KEY,
     ConfigMapStateStore,
     StateLoadError,
@@ -33,6 +36,7 @@ from importer.state.configmap import (
     next_bucket,
     read_summaries,
 )
+from tests.polling import wait_for
 
 MiB = 1024 * 1024
 
@@ -114,8 +118,8 @@ def make_files(count: int, seed: int = 1, prefix: str = "") -> dict[str, FileSta
     return files
 
 
-def summary_of(files: dict[str, FileState], phase: str = "Running") -> Summary:
-    return Summary(
+def summary_of(files: dict[str, FileState], phase: str = "Running") -> ShardSummary:
+    return ShardSummary(
         files_total=len(files),
         files_done=len(files),
         chunks=sum(f.chunks for f in files.values()),
@@ -193,7 +197,7 @@ def test_100k_files_round_trip_over_buckets_under_1_mib(kube_api: client.ApiClie
     assert loaded == files
 
     buckets = state_configmaps(api, namespace, "state")
-    count = int(buckets[0].metadata.annotations[BUCKETS_ANNOTATION])
+    count = int(buckets[0].metadata.annotations[ANNOTATION_STATE_BUCKETS])
     assert count == writer.bucket_count > 1
     assert set(buckets) == set(range(count))
     sizes = {index: serialized_size(api, cm) for index, cm in buckets.items()}
@@ -278,7 +282,7 @@ def put_bucket(api: client.CoreV1Api, namespace: str, name: str, count: int, ent
     api.create_namespaced_config_map(
         namespace,
         client.V1ConfigMap(
-            metadata=client.V1ObjectMeta(name=name, annotations={BUCKETS_ANNOTATION: str(count)}),
+            metadata=client.V1ObjectMeta(name=name, annotations={ANNOTATION_STATE_BUCKETS: str(count)}),
             binary_data={STATE_KEY: payload},
         ),
     )
@@ -298,7 +302,7 @@ def test_an_old_copy_never_overtakes_a_newer_one(kube_api: client.ApiClient, nam
     assert ConfigMapStateStore("race", namespace, api=api).load() == {path: new}
 
     writer = ConfigMapStateStore("race", namespace, api=api)
-    writer.save({}, Summary())  # any save tidies the buckets it passes
+    writer.save({}, ShardSummary())  # any save tidies the buckets it passes
     assert writer.bucket_count == 4
     assert ConfigMapStateStore("race", namespace, api=api).load() == {path: new}
     buckets = state_configmaps(api, namespace, "race")
@@ -313,7 +317,7 @@ def test_a_growth_cut_short_is_finished_by_the_next_save(kube_api: client.ApiCli
     entries = {far: FileState(offset=1), near: FileState(offset=2), stays: FileState(offset=3)}
     put_bucket(api, namespace, "cut-0", 4, {p: e.to_json() for p, e in entries.items()})
 
-    ConfigMapStateStore("cut", namespace, api=api).save({}, Summary())
+    ConfigMapStateStore("cut", namespace, api=api).save({}, ShardSummary())
     buckets = state_configmaps(api, namespace, "cut")
     # far passed through bucket 1 (created on the way) to 3.
     assert {i: stored_paths(cm) for i, cm in buckets.items()} == {
@@ -400,7 +404,7 @@ def test_from_environment_uses_kubeconfig_outside_a_pod(
     store.save(files, summary_of(files))
     assert ConfigMapStateStore.from_environment("env", namespace).load() == files
     bucket0: Any = store.api.read_namespaced_config_map("env-0", namespace)
-    assert bucket0.metadata.labels[IMPORTRUN_LABEL] == "r1"
+    assert bucket0.metadata.labels[LABEL_IMPORTRUN] == "r1"
 
 
 @pytest.mark.cluster
@@ -445,14 +449,14 @@ def test_labels_and_owner_references_are_copied(kube_api: client.ApiClient, name
     assert len(buckets) == store.bucket_count > 1
     for index, cm in buckets.items():
         assert cm.metadata.labels == {
-            MANAGED_BY_LABEL: "reflection-operator",
-            IMPORTRUN_LABEL: "nightly-1",
-            BUCKET_LABEL: str(index),
+            LABEL_MANAGED_BY: "reflection-operator",
+            LABEL_IMPORTRUN: "nightly-1",
+            LABEL_STATE_BUCKET: str(index),
         }
         assert [(r.kind, r.name, r.uid) for r in cm.metadata.owner_references] == [
             ("ConfigMap", "the-importrun", owner.metadata.uid)
         ]
-    assert buckets[0].metadata.annotations[BUCKETS_ANNOTATION] == str(store.bucket_count)
+    assert buckets[0].metadata.annotations[ANNOTATION_STATE_BUCKETS] == str(store.bucket_count)
     assert json.loads(buckets[0].data["summary"]) == {"shard-2": summary_of(files).to_json()}
 
 
@@ -468,7 +472,7 @@ def test_corrupt_state_is_reported_not_overwritten(kube_api: client.ApiClient, n
     with pytest.raises(StateLoadError, match="cannot be decoded"):
         store.load()
     with pytest.raises(StateSaveError, match="cannot be decoded"):
-        store.save({"x.jsonl": FileState()}, Summary())
+        store.save({"x.jsonl": FileState()}, ShardSummary())
     assert api.read_namespaced_config_map("bad-0", namespace).binary_data == {STATE_KEY: garbage}
 
 
@@ -511,15 +515,16 @@ def restricted_api(kube_api: client.ApiClient, namespace: str) -> Iterator[clien
 
 def service_account_token(api: client.CoreV1Api, namespace: str, account: str) -> str:
     """The token of the ServiceAccount's token Secret (created by kube-controller-manager in v1.20)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def token() -> str | None:
         secrets: list[Any] = api.read_namespaced_service_account(account, namespace).secrets or []
         for reference in secrets:
             secret: Any = api.read_namespaced_secret(reference.name, namespace)
             if secret.type == "kubernetes.io/service-account-token" and (secret.data or {}).get("token"):
                 return base64.b64decode(secret.data["token"]).decode()
-        time.sleep(0.5)
-    raise AssertionError(f"no token Secret appeared for ServiceAccount {namespace}/{account}")
+        return None
+
+    return wait_for(f"a token Secret for ServiceAccount {namespace}/{account}", token, timeout=60, interval=0.5)
 
 
 @pytest.mark.cluster
