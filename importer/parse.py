@@ -7,6 +7,8 @@ for the settle time.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +22,9 @@ BOM = b"\xef\xbb\xbf"
 #: queue-operation, file-history-snapshot, unknown types) is not embedded.
 TURN_TYPES = frozenset({"user", "assistant"})
 _SKIP_BLOCK = 64 * 1024
+#: A UTF-16 surrogate left alone in a decoded string: Python's json decodes a paired escape
+#: ("\\ud83d\\ude00") to one character, so any surrogate it leaves in a string is unpaired.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(slots=True)
@@ -113,8 +118,8 @@ def _parse_line(line: bytes, start: int, end: int, tally: Counter[str]) -> Messa
         tally["blank_lines"] += 1
         return None
     try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError:
+        record = _decode(line)
+    except (ValueError, RecursionError):
         tally[_undecodable_reason(line)] += 1
         return None
     if not isinstance(record, dict):
@@ -127,6 +132,28 @@ def _parse_line(line: bytes, start: int, end: int, tally: Counter[str]) -> Messa
     except BadShape:
         tally["bad_shape"] += 1
         return None
+
+
+def _decode(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson rejects an unpaired surrogate escape ("\\ud83d"), which Node writes when it cuts a text
+    # inside an emoji; Python's json accepts it. Only lines orjson refused pay for this second parse.
+    return _replace_lone_surrogates(json.loads(line))
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    """The decoded record with each unpaired surrogate replaced by U+FFFD: such a string cannot be
+    encoded as UTF-8, so it could be neither embedded nor stored."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _undecodable_reason(line: bytes) -> str:
