@@ -13,7 +13,14 @@ from typing import Any
 from pythonjsonlogger.json import JsonFormatter
 
 from importer import settings as settings_module
-from importer.settings import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_MEMORY_BUDGET, EXIT_OK, SettingsError
+from importer.settings import (
+    EXIT_FATAL,
+    EXIT_FILES_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_MEMORY_BUDGET,
+    EXIT_OK,
+    SettingsError,
+)
 
 log = logging.getLogger("importer")
 
@@ -94,6 +101,8 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_MEMORY_BUDGET
     if stats.stopped == "signal":
         return EXIT_INTERRUPTED
+    if stats.failed:
+        return EXIT_FILES_FAILED
     return EXIT_OK
 
 

@@ -52,6 +52,9 @@ class ParseReport:
     consumed: int = 0
     #: True when an incomplete last line was left for a later run.
     partial: bool = False
+    #: 1 when the file is settled but its last line is cut: counted as ``truncated_tail`` and left
+    #: unconsumed, so that if its writer ever completes it, the completed record is read as new.
+    unfinished_tail: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
 
 
@@ -71,7 +74,8 @@ def read_messages(
     """Yield the turns of the file from byte ``start`` on, updating ``report`` as lines are consumed.
 
     Damaged lines before ``count_skips_from`` were counted by an earlier run (which re-reads a file's
-    open tail chunk) and are not counted again.
+    open tail chunk) and are not counted again. With ``consume_partial_tail`` (the file is settled) a
+    last line without a newline is final: a complete record is read, a cut one is counted.
     """
     fh.seek(start)
     offset = start
@@ -97,10 +101,24 @@ def read_messages(
             if not consume_partial_tail:
                 report.partial = True
                 return
+            return (yield from _read_last_line(line, line_start, offset, report, tally))
         report.consumed = offset
         message = _parse_line(line, line_start, offset, tally)
         if message is not None:
             yield message
+
+
+def _read_last_line(line: bytes, start: int, end: int, report: ParseReport, tally: Counter[str]) -> Iterator[Message]:
+    """A settled file's last line without a newline: consumed if it is a whole record, else counted
+    and left where it is (its start stays ``consumed``)."""
+    cut_before = tally["truncated_tail"]
+    message = _parse_line(line, start, end, tally)
+    if tally["truncated_tail"] > cut_before:
+        report.unfinished_tail = 1
+        return
+    report.consumed = end
+    if message is not None:
+        yield message
 
 
 def _skip_rest_of_line(fh: BinaryIO) -> int:
@@ -157,11 +175,14 @@ def _replace_lone_surrogates(value: Any) -> Any:
 
 
 def _undecodable_reason(line: bytes) -> str:
+    complete = line.endswith(b"\n")
     try:
         line.decode("utf-8")
-    except UnicodeDecodeError:
-        return "non_utf8"
-    return "bad_json" if line.endswith(b"\n") else "truncated_tail"
+    except UnicodeDecodeError as error:
+        # a line cut inside a multi-byte character is cut, not mis-encoded
+        if complete or error.end < len(line):
+            return "non_utf8"
+    return "bad_json" if complete else "truncated_tail"
 
 
 def _to_message(record: dict[str, Any], start: int, end: int) -> Message:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from qdrant_client import QdrantClient
 
-from importer.settings import EXIT_FATAL, EXIT_INTERRUPTED
+from importer.settings import EXIT_FATAL, EXIT_FILES_FAILED, EXIT_INTERRUPTED
 from importer.state.configmap import ConfigMapStateStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,9 +117,13 @@ def test_sigterm_finishes_the_batch_in_flight_saves_and_exits(
     process = _start(root, tmp_path)
     _wait_for_first_checkpoint(tmp_path / "s.json", process)
     process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
     out, err = process.communicate(timeout=120)
+    took = time.monotonic() - signalled
+    print(f"exit {took:.1f} s after SIGTERM")
     assert process.returncode == EXIT_INTERRUPTED, err
     assert json.loads(out.strip().splitlines()[-1])["stopped"] == "signal"
+    assert took < 30, "not within the default grace period of a Pod"
     saved = _state_files(tmp_path / "s.json")
     assert 0 < len(saved) < len(manifest["entries"])
 
@@ -185,3 +189,18 @@ def test_killed_mid_run_and_restarted_imports_every_record_once(
     assert sum(f["messages"] for f in files.values()) == manifest["text_messages"]
     # deterministic ids: what the killed run wrote was overwritten, not duplicated
     assert _points(tmp_path / "q") == sum(f["chunks"] for f in files.values())
+
+
+def test_a_file_that_cannot_be_read_gives_its_own_exit_code(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+) -> None:
+    root, manifest = make_corpus(files=2, profile="small", seed=25)
+    (root / manifest["entries"][0]["path"]).parent.joinpath("gone.jsonl").symlink_to(tmp_path / "nowhere")
+    done = _run(
+        "run", "--source", str(root), "--qdrant-path", str(tmp_path / "q"), "--state-file", str(tmp_path / "s.json"),
+        "--json",
+    )  # fmt: skip
+    assert done.returncode == EXIT_FILES_FAILED, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["failed"], summary["files"]) == (1, manifest["files"])
+    assert "gone.jsonl" in done.stderr

@@ -87,7 +87,17 @@ def test_a_last_line_without_newline_waits_until_the_file_settles() -> None:
 
     messages, report = _read(complete + partial, settled=True)
     assert [m.text for m in messages] == ["done"]
-    assert report.skipped == {"truncated_tail": 1} and report.consumed == len(complete + partial)
+    assert report.skipped == {"truncated_tail": 1} and not report.partial
+    # the cut line stays unconsumed: if its writer completes it, the next run reads it as new
+    assert report.consumed == len(complete) and report.unfinished_tail == 1
+
+
+def test_a_settled_line_cut_inside_a_character_is_a_cut_tail() -> None:
+    complete = _turn("user", "done")
+    whole = '{"type":"assistant","message":{"role":"assistant","content":"caf\u00e9 au lait"}}\n'.encode()
+    cut = whole[: whole.index(b"\xc3") + 1]  # ends with the first byte of a two-byte character
+    _, report = _read(complete + cut, settled=True)
+    assert report.skipped == {"truncated_tail": 1} and report.consumed == len(complete)
 
 
 def test_a_complete_last_record_without_newline_is_read_once_settled() -> None:
