@@ -92,10 +92,10 @@ def test_an_unreachable_qdrant_fails_loudly_with_the_state_saved(
     assert state.exists() and _state_files(state) == {}  # nothing acknowledged, nothing claimed
 
 
-def _start(root: Path, tmp_path: Path) -> subprocess.Popen[str]:
+def _start(root: Path, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
     command = _importer(
         "run", "--source", str(root), "--qdrant-path", str(tmp_path / "q"), "--state-file", str(tmp_path / "s.json"),
-        "--json", "--checkpoint-seconds", "0",
+        "--json", "--checkpoint-seconds", "0", *extra,
     )  # fmt: skip
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -114,7 +114,7 @@ def test_sigterm_finishes_the_batch_in_flight_saves_and_exits(
     make_corpus: Corpus, model_dir: Path, tmp_path: Path
 ) -> None:
     root, manifest = make_corpus(files=60, profile="small", seed=23)
-    process = _start(root, tmp_path)
+    process = _start(root, tmp_path, "--stop-seconds", "2")
     _wait_for_first_checkpoint(tmp_path / "s.json", process)
     process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
@@ -123,7 +123,8 @@ def test_sigterm_finishes_the_batch_in_flight_saves_and_exits(
     print(f"exit {took:.1f} s after SIGTERM")
     assert process.returncode == EXIT_INTERRUPTED, err
     assert json.loads(out.strip().splitlines()[-1])["stopped"] == "signal"
-    assert took < 30, "not within the default grace period of a Pod"
+    # the work in flight gets 2 s, then is abandoned: what is left is a save and the exit
+    assert took < 15, f"exit {took:.1f} s after SIGTERM"
     saved = _state_files(tmp_path / "s.json")
     assert 0 < len(saved) < len(manifest["entries"])
 

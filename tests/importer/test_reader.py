@@ -97,18 +97,31 @@ async def test_a_rewrite_that_keeps_the_first_4_kib_is_imported_again(model_dir:
     assert len(_payloads(settings)) == state.chunks
 
 
-async def test_a_fifo_and_an_undecodable_name_are_skipped_and_counted(model_dir: Path, tmp_path: Path) -> None:
+async def test_a_fifo_is_skipped_and_counted(model_dir: Path, tmp_path: Path) -> None:
     root = tmp_path / "projects"
     folder = root / "-home-dev-src-hardening"
-    _write(folder / f"{SESSION}.jsonl", _session(["listed before the fifo", "and imported"]))
+    _write(folder / f"{SESSION}.jsonl", _session(["imported although", "a fifo comes first"]))
     os.mkfifo(folder / "0-fifo.jsonl")  # sorts first: a blocking open would stop everything after it
+    settings = _settings(root, tmp_path)
+
+    stats = await _run(settings)
+
+    assert stats.skipped == {"not_regular_file": 1}
+    assert (stats.files, stats.messages, stats.failed) == (1, 2, 0)
+    assert list(_state(settings)) == [f"-home-dev-src-hardening/{SESSION}.jsonl"]
+
+
+async def test_a_name_that_is_not_utf8_is_skipped_and_counted(model_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "projects"
+    folder = root / "-home-dev-src-hardening"
+    _write(folder / f"{SESSION}.jsonl", _session(["imported although", "a bad name comes first"]))
     with open(os.fsencode(folder) + b"/caf\xe9.jsonl", "wb") as fh:  # Latin-1, as an old tool may write it
         fh.write(_session(["a name that is not UTF-8"]))
     settings = _settings(root, tmp_path)
 
     stats = await _run(settings)
 
-    assert stats.skipped == {"not_regular_file": 1, "undecodable_name": 1}
+    assert stats.skipped == {"undecodable_name": 1}
     assert (stats.files, stats.messages, stats.failed) == (1, 2, 0)
     assert list(_state(settings)) == [f"-home-dev-src-hardening/{SESSION}.jsonl"]
 
