@@ -157,6 +157,9 @@ class Importer:
         deadline = asyncio.ensure_future(self._abandon_deadline())
         try:
             await asyncio.wait({pipeline, deadline}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            pipeline.cancel()  # the run itself was cancelled: its stages go with it
+            raise
         finally:
             deadline.cancel()
         if not pipeline.done():

@@ -92,8 +92,8 @@ async def run_import(settings: Settings) -> RunStats:
     async with AsyncExitStack() as stack:
         stack.push_async_callback(embedder.aclose)
         sink = make_sink(settings, embedder)
-        stopping: list[Importer] = []
-        stack.push_async_callback(_close_sink, sink, stopping)
+        importers: list[Importer] = []  # filled below: closing depends on how the run ended
+        stack.push_async_callback(_close_sink, sink, importers)
         show_progress = settings.progress if settings.progress is not None else sys.stderr.isatty()
         progress = stack.enter_context(tqdm(unit="file", disable=not show_progress, dynamic_ncols=True))
         assert settings.source is not None  # validated
@@ -105,7 +105,7 @@ async def run_import(settings: Settings) -> RunStats:
             options=run_options(settings, embedder),
             progress=progress,
         )
-        stopping.append(importer)
+        importers.append(importer)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             # Stop taking files; what is in flight is finished and saved (a second signal: abandoned).

@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -35,6 +36,8 @@ class FileStateStore:
         self.path = path
         self.source_root = source_root
         self._files: dict[str, FileState] = {}
+        # A checkpoint abandoned by a stopping run may still be saving when the final one starts.
+        self._lock = threading.Lock()
 
     def load(self) -> dict[str, FileState]:
         """What was saved. Checks first that the state can be written at all, so a bad location fails
@@ -65,15 +68,16 @@ class FileStateStore:
         )
 
     def save(self, files: dict[str, FileState], summary: Summary) -> None:
-        self._files.update(files)
-        for pruned in [k for k, v in files.items() if v.status == DELETED]:
-            del self._files[pruned]
-        document = {
-            "format": FORMAT,
-            "summary": summary.to_json(),
-            "files": {k: v.to_json() for k, v in sorted(self._files.items())},
-        }
-        write_atomically(self.path, json.dumps(document, separators=(",", ":")).encode())
+        with self._lock:
+            self._files.update(files)
+            for pruned in [k for k, v in files.items() if v.status == DELETED]:
+                del self._files[pruned]
+            document = {
+                "format": FORMAT,
+                "summary": summary.to_json(),
+                "files": {k: v.to_json() for k, v in sorted(self._files.items())},
+            }
+            write_atomically(self.path, json.dumps(document, separators=(",", ":")).encode())
 
 
 def check_writable(path: Path) -> None:

@@ -204,3 +204,22 @@ async def test_pruning_an_empty_tree_deletes_nothing(model_dir: Path, tmp_path: 
     stats = await _run(settings)
 
     assert stats.pruned == 0 and len(_payloads(settings)) == 1
+
+
+async def test_a_session_without_cwd_moved_to_another_folder_leaves_no_duplicate_when_pruning(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "projects"
+    before, after = root / "-old-folder" / f"{SESSION}.jsonl", root / "-new-folder" / f"{SESSION}.jsonl"
+    _write(before, _session(["a session whose records carry no cwd", "so its folder names its project"], cwd=None))
+    settings = _settings(root, tmp_path, prune_deleted=True)
+    await _run(settings)
+    after.parent.mkdir()
+    before.rename(after)
+
+    stats = await _run(settings)
+
+    assert (stats.files, stats.pruned) == (1, 1)
+    assert {(p["project"], p["source"]) for p in _payloads(settings)} == {
+        ("-new-folder", f"-new-folder/{SESSION}.jsonl")
+    }
