@@ -101,6 +101,8 @@ def _run(args: argparse.Namespace) -> int:
         return ExitCode.MEMORY_BUDGET
     if stats.stopped == "signal":
         return ExitCode.INTERRUPTED
+    if stats.failed:
+        return ExitCode.FILES_FAILED
     return ExitCode.OK
 
 

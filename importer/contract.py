@@ -50,6 +50,8 @@ class ExitCode(IntEnum):
     OK = 0
     #: Settings refused, or Qdrant, the model or the Kubernetes API failed after retries.
     FATAL = 1
+    #: The run completed, but some files could not be read (each named in a warning and saved as failed).
+    FILES_FAILED = 3
     #: The importer's RSS stayed over its operational budget: state is saved; retry with more memory.
     MEMORY_BUDGET = 86
     #: Stopped by SIGTERM/SIGINT after finishing and saving what was in flight.

@@ -7,6 +7,8 @@ for the settle time.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +22,9 @@ BOM = b"\xef\xbb\xbf"
 #: queue-operation, file-history-snapshot, unknown types) is not embedded.
 TURN_TYPES = frozenset({"user", "assistant"})
 _SKIP_BLOCK = 64 * 1024
+#: A UTF-16 surrogate left alone in a decoded string: Python's json decodes a paired escape
+#: ("\\ud83d\\ude00") to one character, so any surrogate it leaves in a string is unpaired.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(slots=True)
@@ -47,6 +52,9 @@ class ParseReport:
     consumed: int = 0
     #: True when an incomplete last line was left for a later run.
     partial: bool = False
+    #: 1 when the file is settled but its last line is cut: counted as ``truncated_tail`` and left
+    #: unconsumed, so that if its writer ever completes it, the completed record is read as new.
+    unfinished_tail: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
 
 
@@ -66,7 +74,8 @@ def read_messages(
     """Yield the turns of the file from byte ``start`` on, updating ``report`` as lines are consumed.
 
     Damaged lines before ``count_skips_from`` were counted by an earlier run (which re-reads a file's
-    open tail chunk) and are not counted again.
+    open tail chunk) and are not counted again. With ``consume_partial_tail`` (the file is settled) a
+    last line without a newline is final: a complete record is read, a cut one is counted.
     """
     fh.seek(start)
     offset = start
@@ -92,10 +101,24 @@ def read_messages(
             if not consume_partial_tail:
                 report.partial = True
                 return
+            return (yield from _read_last_line(line, line_start, offset, report, tally))
         report.consumed = offset
         message = _parse_line(line, line_start, offset, tally)
         if message is not None:
             yield message
+
+
+def _read_last_line(line: bytes, start: int, end: int, report: ParseReport, tally: Counter[str]) -> Iterator[Message]:
+    """A settled file's last line without a newline: consumed if it is a whole record, else counted
+    and left where it is (its start stays ``consumed``)."""
+    cut_before = tally["truncated_tail"]
+    message = _parse_line(line, start, end, tally)
+    if tally["truncated_tail"] > cut_before:
+        report.unfinished_tail = 1
+        return
+    report.consumed = end
+    if message is not None:
+        yield message
 
 
 def _skip_rest_of_line(fh: BinaryIO) -> int:
@@ -113,8 +136,8 @@ def _parse_line(line: bytes, start: int, end: int, tally: Counter[str]) -> Messa
         tally["blank_lines"] += 1
         return None
     try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError:
+        record = _decode(line)
+    except (ValueError, RecursionError):
         tally[_undecodable_reason(line)] += 1
         return None
     if not isinstance(record, dict):
@@ -129,12 +152,37 @@ def _parse_line(line: bytes, start: int, end: int, tally: Counter[str]) -> Messa
         return None
 
 
+def _decode(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson rejects an unpaired surrogate escape ("\\ud83d"), which Node writes when it cuts a text
+    # inside an emoji; Python's json accepts it. Only lines orjson refused pay for this second parse.
+    return _replace_lone_surrogates(json.loads(line))
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    """The decoded record with each unpaired surrogate replaced by U+FFFD: such a string cannot be
+    encoded as UTF-8, so it could be neither embedded nor stored."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in value.items()}
+    return value
+
+
 def _undecodable_reason(line: bytes) -> str:
+    complete = line.endswith(b"\n")
     try:
         line.decode("utf-8")
-    except UnicodeDecodeError:
-        return "non_utf8"
-    return "bad_json" if line.endswith(b"\n") else "truncated_tail"
+    except UnicodeDecodeError as error:
+        # a line cut inside a multi-byte character is cut, not mis-encoded
+        if complete or error.end < len(line):
+            return "non_utf8"
+    return "bad_json" if complete else "truncated_tail"
 
 
 def _to_message(record: dict[str, Any], start: int, end: int) -> Message:

@@ -4,26 +4,36 @@ Bounded queues join the stages, so memory is bounded by the queue sizes, not by 
 embedding (in a thread pool) never waits for Qdrant. Per-file markers travel through the queues in
 order behind their file's chunks: when the upsert stage meets a file's ``FileDone``, every chunk of
 that file has been acknowledged by Qdrant, and only then does the file's new state count as saved-worthy.
+
+Stopping (SIGTERM, SIGINT, the memory budget): no new file is taken, the embedding of the window in
+flight stops after its current batch (the window is dropped: its files are not acknowledged and resume
+next run), and what is already embedded is written. If that is not done within ``stop_seconds`` (a hung
+Qdrant call, say), or on a second stop request, the run abandons what is in flight: the blocked call is
+left in its daemon thread, what was acknowledged is saved, and the run returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qdrant_client import models
 
 from importer.contract import RunNumbers, ShardSummary
 from importer.embed.base import Embedder
 from importer.memory import PeakRss, release_memory
-from importer.reader import ChunkItem, DeleteFile, FileDone, FileReader, Item, ReadLimits, discover
+from importer.reader import ChunkItem, DeleteFile, FileDone, FileReader, Item, ReadLimits, discover, shard_of
 from importer.sink import QdrantSink
-from importer.state.base import FileState, StateStore
+from importer.state.base import DELETED, FileState, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,10 @@ class RunOptions:
     memory_budget: int | None = None
     shard_index: int = 0
     shard_count: int = 1
+    #: Delete the points and state of files gone from the tree (default: keep them searchable).
+    prune_deleted: bool = False
+    #: After a stop request, how long what is in flight may take before it is abandoned.
+    stop_seconds: float = 10.0
 
 
 @dataclass
@@ -54,12 +68,17 @@ class RunStats:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     stopped: str = ""  # "", "signal" or "memory"
+    #: True when stopping had to abandon work in flight (a hung call, or a second stop request).
+    abandoned: bool = False
+    #: Files gone from the tree whose points and state were deleted (``prune_deleted``).
+    pruned: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "files": self.files,
             "unchanged": self.unchanged,
             "failed": self.failed,
+            "pruned": self.pruned,
             "messages": self.messages,
             "chunks": self.chunks,
             "bytes": self.bytes,
@@ -67,6 +86,7 @@ class RunStats:
             "seconds": round(self.seconds, 3),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "stopped": self.stopped,
+            "abandoned": self.abandoned,
         }
 
     def numbers(self, seconds: float) -> RunNumbers:
@@ -106,20 +126,27 @@ class Importer:
         self._last_save = 0.0
         self._last_release = 0.0
         self._stop = asyncio.Event()
+        self._abandon = asyncio.Event()
         self._peak = PeakRss()
         self._files: list[str] = []
         self._started = time.monotonic()
 
     def request_stop(self, reason: str) -> None:
-        """Take no new file; what is in flight is finished and saved."""
+        """Take no new file; what is in flight is finished and saved, within ``stop_seconds``.
+
+        A second request abandons what is in flight at once."""
+        if self._stop.is_set():
+            self._abandon.set()
         if not self.stats.stopped:
             self.stats.stopped = reason
         self._stop.set()
 
     async def run(self) -> RunStats:
         started = self._started = time.monotonic()
-        self.state = await asyncio.to_thread(self.store.load)
-        files = self._files = discover(self.root, self.options.shard_index, self.options.shard_count)
+        self.state = await in_daemon_thread(self.store.load)
+        found: Counter[str] = Counter()
+        files = self._files = discover(self.root, self.options.shard_index, self.options.shard_count, found)
+        self.stats.skipped.update(found)
         if self.progress is not None:
             self.progress.reset(total=len(files))
         to_embed: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=2 * SORT_WINDOW)
@@ -130,12 +157,37 @@ class Importer:
             asyncio.create_task(self._upsert(to_upsert), name="upsert"),
         ]
         try:
-            await _gather_failing_fast(stages)
+            await self._until_done_or_abandoned(stages)
         finally:
             self.stats.seconds = time.monotonic() - started
             self.stats.peak_rss_mb = max(self._peak.peak, self._peak.sample()) / 2**20
             await self._checkpoint(phase=self._final_phase(), force=True)
         return self.stats
+
+    async def _until_done_or_abandoned(self, stages: list[asyncio.Task[None]]) -> None:
+        """Run the stages to their end, or until a stop request has waited ``stop_seconds`` (or a
+        second one came): then cancel them, leaving any blocked call behind in its thread."""
+        pipeline = asyncio.ensure_future(_gather_failing_fast(stages))
+        deadline = asyncio.ensure_future(self._abandon_deadline())
+        try:
+            await asyncio.wait({pipeline, deadline}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            pipeline.cancel()  # the run itself was cancelled: its stages go with it
+            raise
+        finally:
+            deadline.cancel()
+        if not pipeline.done():
+            log.warning("stopping: abandoning the work in flight", extra={"stop_seconds": self.options.stop_seconds})
+            self.stats.abandoned = True
+            pipeline.cancel()
+            await asyncio.gather(pipeline, return_exceptions=True)
+            return
+        pipeline.result()  # a stage's error
+
+    async def _abandon_deadline(self) -> None:
+        await self._stop.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._abandon.wait(), self.options.stop_seconds)
 
     def _final_phase(self) -> str:
         if self.stats.stopped == "memory":
@@ -149,6 +201,9 @@ class Importer:
 
     async def _read(self, files: list[str], out: asyncio.Queue[Item | None]) -> None:
         try:
+            if self.options.prune_deleted:
+                for item in self._prune_items(files):
+                    await out.put(item)
             for rel in files:
                 if self._stop.is_set():
                     break
@@ -161,6 +216,28 @@ class Importer:
                 await asyncio.sleep(0)
         finally:
             await out.put(None)
+
+    def _prune_items(self, files: list[str]) -> list[Item]:
+        """Delete the points and state of this shard's files that are gone from the tree."""
+        listed = set(files)
+        gone = [
+            rel
+            for rel, state in self.state.items()
+            if rel not in listed
+            and state.status != DELETED
+            and shard_of(rel, self.options.shard_count) == self.options.shard_index
+            and not os.path.lexists(self.root / rel)
+        ]
+        if gone and not files:
+            # An unmounted or empty volume looks exactly like a tree whose every file was deleted.
+            log.warning("no session file found: nothing pruned", extra={"known_files": len(gone)})
+            return []
+        items: list[Item] = []
+        for rel in sorted(gone):
+            if self.state[rel].project:
+                items.append(DeleteFile(self.sink.collection_for(self.state[rel].project), rel))
+            items.append(FileDone(rel, FileState(status=DELETED), 0, 0, Counter(), outcome="pruned"))
+        return items
 
     # -- stage 2: embed ---------------------------------------------------------------------------
 
@@ -187,17 +264,28 @@ class Importer:
                     break
                 items.append(nxt)
                 chunks += isinstance(nxt, ChunkItem)
-            await out.put((items, await self._vectors(items)))
+            vectors = await self._vectors(items)
+            if vectors is not None:
+                await out.put((items, vectors))
         await out.put(None)
 
-    async def _vectors(self, items: list[Item]) -> list[Any]:
-        """Vectors for the chunk items, in order. Texts go to the model sorted by length, so that each
-        batch pads to a similar length (less wasted work than padding short texts to long ones)."""
+    async def _vectors(self, items: list[Item]) -> list[Any] | None:
+        """Vectors for the chunk items, in order; None when a stop request came before the last batch.
+
+        Texts go to the model sorted by length, so that each batch pads to a similar length (less
+        wasted work than padding short texts to long ones), one batch per call, so that a stop
+        request waits for one batch, not for the whole window.
+        """
         texts = [item.text for item in items if isinstance(item, ChunkItem)]
         if not texts:
             return []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        embedded = await self.embedder.embed([texts[i] for i in order])
+        size = self.embedder.batch_size
+        embedded: list[Any] = []
+        for first in range(0, len(order), size):
+            if self._stop.is_set():
+                return None  # the window is dropped: its files are not acknowledged and resume next run
+            embedded += await self.embedder.embed([texts[i] for i in order[first : first + size]])
         vectors: list[Any] = [None] * len(texts)
         for position, original in enumerate(order):
             vectors[original] = embedded[position]
@@ -220,7 +308,7 @@ class Importer:
                     )
                 elif isinstance(item, DeleteFile):
                     await self._write_points(points)
-                    await asyncio.to_thread(self.sink.delete_source, item.collection, item.source)
+                    await in_daemon_thread(self.sink.delete_source, item.collection, item.source)
                 else:
                     done.append(item)
             await self._write_points(points)
@@ -229,7 +317,7 @@ class Importer:
 
     async def _write_points(self, points: dict[str, list[models.PointStruct]]) -> None:
         for collection, batch in points.items():
-            await asyncio.to_thread(self.sink.upsert, collection, batch)
+            await in_daemon_thread(self.sink.upsert, collection, batch)
             self.stats.chunks += len(batch)
         points.clear()
 
@@ -239,6 +327,11 @@ class Importer:
             self.progress.update(1)
         if done.outcome == "unchanged":
             self.stats.unchanged += 1
+            return
+        if done.outcome == "pruned":
+            self.state.pop(done.source, None)
+            self._dirty[done.source] = done.state
+            self.stats.pruned += 1
             return
         self.state[done.source] = done.state
         self._dirty[done.source] = done.state
@@ -269,7 +362,7 @@ class Importer:
             return
         changes, self._dirty = self._dirty, {}
         try:
-            await asyncio.to_thread(self.store.save, changes, self.summary(phase))
+            await in_daemon_thread(self.store.save, changes, self.summary(phase))
         except BaseException:
             self._dirty = changes | self._dirty
             raise
@@ -288,6 +381,40 @@ class Importer:
             updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             run=self.stats.numbers(time.monotonic() - self._started),
         )
+
+
+T = TypeVar("T")
+
+
+async def in_daemon_thread(call: Callable[..., T], *args: Any) -> T:
+    """Run a blocking call (a store or state call) in a thread of its own, and await its result.
+
+    Unlike ``asyncio.to_thread`` the thread is a daemon, outside the default executor: if the call
+    hangs, the run can stop waiting for it, and neither ``asyncio.run`` (which joins the default
+    executor) nor the interpreter (which joins non-daemon threads) waits for it at exit.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(error: BaseException | None, result: Any) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            outcome: tuple[BaseException | None, Any] = (None, call(*args))
+        except BaseException as error:  # handed to the awaiting task, which decides
+            outcome = (error, None)
+        # RuntimeError: the loop is closed, the run was abandoned and nobody waits for this result
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name=f"blocking-{getattr(call, '__name__', 'call')}", daemon=True).start()
+    return await future
 
 
 async def _gather_failing_fast(tasks: list[asyncio.Task[None]]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
 import sys
 from contextlib import AsyncExitStack
@@ -12,12 +14,17 @@ from tqdm import tqdm
 
 from importer.embed.base import Embedder
 from importer.memory import memory_limit
-from importer.pipeline import Importer, RunOptions, RunStats
+from importer.pipeline import Importer, RunOptions, RunStats, in_daemon_thread
 from importer.reader import ReadLimits
 from importer.settings import Settings
 from importer.sink import QdrantSink
 from importer.state.base import StateStore
 from importer.state.file import FileStateStore
+
+log = logging.getLogger(__name__)
+
+#: After an abandoned run, how long closing the store may take: a call of it may still hang.
+CLOSE_AFTER_ABANDON_SECONDS = 2.0
 
 
 def make_embedder(settings: Settings) -> Embedder:
@@ -74,6 +81,8 @@ def run_options(settings: Settings, embedder: Embedder) -> RunOptions:
         memory_budget=int(limit * settings.memory_fraction) if limit else None,
         shard_index=settings.shard_index,
         shard_count=settings.shard_count,
+        prune_deleted=settings.prune_deleted,
+        stop_seconds=settings.stop_seconds,
     )
 
 
@@ -83,7 +92,8 @@ async def run_import(settings: Settings) -> RunStats:
     async with AsyncExitStack() as stack:
         stack.push_async_callback(embedder.aclose)
         sink = make_sink(settings, embedder)
-        stack.callback(sink.close)
+        importers: list[Importer] = []  # filled below: closing depends on how the run ended
+        stack.push_async_callback(_close_sink, sink, importers)
         show_progress = settings.progress if settings.progress is not None else sys.stderr.isatty()
         progress = stack.enter_context(tqdm(unit="file", disable=not show_progress, dynamic_ncols=True))
         assert settings.source is not None  # validated
@@ -95,12 +105,25 @@ async def run_import(settings: Settings) -> RunStats:
             options=run_options(settings, embedder),
             progress=progress,
         )
+        importers.append(importer)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            # Stop taking files; what is in flight is finished and saved.
+            # Stop taking files; what is in flight is finished and saved (a second signal: abandoned).
             loop.add_signal_handler(signum, importer.request_stop, "signal")
         return await importer.run()
     raise AssertionError("unreachable")
+
+
+async def _close_sink(sink: QdrantSink, importers: list[Importer]) -> None:
+    """Close the store; after an abandoned run a call of it may still hang, so closing may not wait."""
+    if not any(importer.stats.abandoned for importer in importers):
+        sink.close()
+        return
+    with contextlib.suppress(Exception):  # the run's outcome is already decided; the close is best effort
+        try:
+            await asyncio.wait_for(in_daemon_thread(sink.close), CLOSE_AFTER_ABANDON_SECONDS)
+        except TimeoutError:
+            log.warning("the store did not close in time; leaving it", extra={"seconds": CLOSE_AFTER_ABANDON_SECONDS})
 
 
 @dataclass

@@ -43,6 +43,9 @@ class Settings:
     memory_limit: int | None = None
     memory_fraction: float = 0.8
     upsert_attempts: int = 6
+    prune_deleted: bool = False
+    #: Within the Pod's default 30 s grace period, with time left to save and exit.
+    stop_seconds: float = 10.0
     json: bool = False
     progress: bool | None = None
 
@@ -61,6 +64,8 @@ class Settings:
             raise SettingsError("--state-configmap needs --namespace (IMPORTER_NAMESPACE)")
         if not 0 < self.memory_fraction <= 1:
             raise SettingsError("--memory-fraction must be in (0, 1]")
+        if self.stop_seconds < 0:
+            raise SettingsError("--stop-seconds must not be negative")
         for name in ("batch_size", "workers", "chunk_messages"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
@@ -68,6 +73,16 @@ class Settings:
 
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message names it."""
+
+
+def _flag(raw: str) -> bool:
+    """A yes/no setting from the environment: 1/true/yes/on or 0/false/no/off."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
 
 
 # option, type, help. The environment variable is IMPORTER_<NAME> (API keys also from their usual names).
@@ -96,6 +111,8 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "memory_limit": (int, "memory limit in bytes (default: the cgroup's)"),
     "memory_fraction": (float, "operational memory budget as a fraction of the limit"),
     "upsert_attempts": (int, "attempts per Qdrant write before the run fails"),
+    "prune_deleted": (_flag, "delete the points and state of session files gone from the tree (default: keep them)"),
+    "stop_seconds": (float, "after SIGTERM/SIGINT, seconds the work in flight may take before it is abandoned"),
 }
 _ALIASES = {"qdrant_api_key": ImporterEnv.QDRANT_API_KEY_ALIAS.value}
 
@@ -110,7 +127,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, name)
         shown = "" if default is None else f", default {default}"
         option = "--" + name.replace("_", "-")
-        parser.add_argument(option, dest=name, type=kind, default=None, help=f"{help_text} [{env_name(name)}{shown}]")
+        help_text = f"{help_text} [{env_name(name)}{shown}]"
+        if kind is _flag:
+            parser.add_argument(option, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(option, dest=name, type=kind, default=None, help=help_text)
     parser.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
     parser.add_argument(
         "--progress",

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from importer.contract import ShardSummary
 
+log = logging.getLogger(__name__)
+
 #: Status of an entry migrated from the older importer's state file (points written by that importer);
 #: the reader decides per file whether to adopt it or import the file afresh.
 LEGACY = "legacy"
+#: Status of a pruned file's entry (its file is gone and its points deleted): the same as no entry.
+#: A store that can delete entries drops it; one that only merges keeps it as a tombstone.
+DELETED = "deleted"
+STATUSES = frozenset({"done", "partial", "failed", LEGACY, DELETED})
+
+
+class BadEntry(ValueError):
+    """A saved entry that cannot be understood: it is dropped (its file imported again), never trusted."""
 
 
 @dataclass
@@ -22,6 +35,9 @@ class FileState:
     head_hash: str = ""
     #: How many bytes ``head_hash`` covers (the file may have been shorter than the usual head).
     head_size: int = 0
+    #: sha256 (hex, first 16 chars) of the bytes before ``consumed``: a change anywhere in what was
+    #: consumed means the file was rewritten. Empty in entries saved before it existed.
+    prefix_hash: str = ""
     #: Byte offset just past the last complete record consumed.
     consumed: int = 0
     #: Byte offset where the next run resumes reading: the start of the still-short tail chunk
@@ -44,9 +60,47 @@ class FileState:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> FileState:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_json(cls, data: Any) -> FileState:
+        """The entry as saved; unknown keys are ignored, a missing one takes its default.
+
+        Raises :class:`BadEntry` for anything of the wrong type or out of range.
+        """
+        if not isinstance(data, dict):
+            raise BadEntry(f"entry is a {type(data).__name__}, not an object")
+        defaults = cls()
+        values = {
+            f.name: _checked(f.name, data[f.name], getattr(defaults, f.name)) for f in fields(cls) if f.name in data
+        }
+        if values.get("status", defaults.status) not in STATUSES:
+            raise BadEntry(f"unknown status {values['status']!r}")
+        return cls(**values)
+
+
+def _checked(name: str, value: Any, default: Any) -> Any:
+    """``value`` if it has the type of the field's default (an int for a float) and a sane range."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        raise BadEntry(f"{name}: {value!r} is not a {type(default).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadEntry(f"{name}: {value!r} is not a finite number")
+    if isinstance(value, int) and value < 0:
+        raise BadEntry(f"{name}: {value!r} is negative")
+    if isinstance(value, dict) and not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items()):
+        raise BadEntry(f"{name}: {value!r} is not a count per reason")
+    return value
+
+
+def read_entries(raw: Mapping[str, Any]) -> dict[str, FileState]:
+    """Saved entries by path; one that cannot be understood is dropped with a warning (its file is then
+    imported again), never trusted. Both state backends read through here."""
+    entries: dict[str, FileState] = {}
+    for key, value in raw.items():
+        try:
+            entries[key] = FileState.from_json(value)
+        except BadEntry as error:
+            log.warning("state entry dropped: its file is imported again", extra={"source": key, "error": str(error)})
+    return entries
 
 
 class StateStore(Protocol):

@@ -68,7 +68,7 @@ from importer.contract import (
     ShardSummary,
     summary_key,
 )
-from importer.state.base import FileState
+from importer.state.base import FileState, read_entries
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class ConfigMapStateStore:
                 raise StateLoadError(str(error)) from error
             except _Corrupt as error:
                 raise StateLoadError(f"ConfigMap state {self.namespace}/{self.name}: {error}") from error
-        return {path: FileState.from_json(entry) for path, entry in raw.items()}
+        return read_entries(raw)
 
     def save(self, files: dict[str, FileState], summary: ShardSummary) -> None:
         """Merge ``files`` (the entries changed since the last save) into their buckets and replace this

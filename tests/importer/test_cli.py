@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +95,10 @@ def test_an_unreachable_qdrant_fails_loudly_with_the_state_saved(
     assert state.exists() and _state_files(state) == {}  # nothing acknowledged, nothing claimed
 
 
-def _start(root: Path, tmp_path: Path) -> subprocess.Popen[str]:
+def _start(root: Path, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
     command = _importer(
         "run", "--source", str(root), "--qdrant-path", str(tmp_path / "q"), "--state-file", str(tmp_path / "s.json"),
-        "--json", "--checkpoint-seconds", "0",
+        "--json", "--checkpoint-seconds", "0", *extra,
     )  # fmt: skip
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -114,12 +115,17 @@ def test_sigterm_finishes_the_batch_in_flight_saves_and_exits(
     make_corpus: Corpus, model_dir: Path, tmp_path: Path
 ) -> None:
     root, manifest = make_corpus(files=60, profile="small", seed=23)
-    process = _start(root, tmp_path)
+    process = _start(root, tmp_path, "--stop-seconds", "2")
     _wait_for_first_checkpoint(tmp_path / "s.json", process)
     process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
     out, err = process.communicate(timeout=120)
+    took = time.monotonic() - signalled
+    print(f"exit {took:.1f} s after SIGTERM")
     assert process.returncode == ExitCode.INTERRUPTED, err
     assert json.loads(out.strip().splitlines()[-1])["stopped"] == "signal"
+    # the work in flight gets 2 s, then is abandoned: what is left is a save and the exit
+    assert took < 15, f"exit {took:.1f} s after SIGTERM"
     saved = _state_files(tmp_path / "s.json")
     assert 0 < len(saved) < len(manifest["entries"])
 
@@ -234,3 +240,18 @@ def _read_all(fd: int) -> str:
             break
         chunks.append(chunk)
     return b"".join(chunks).decode()
+
+
+def test_a_file_that_cannot_be_read_gives_its_own_exit_code(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+) -> None:
+    root, manifest = make_corpus(files=2, profile="small", seed=25)
+    (root / manifest["entries"][0]["path"]).parent.joinpath("gone.jsonl").symlink_to(tmp_path / "nowhere")
+    done = _run(
+        "run", "--source", str(root), "--qdrant-path", str(tmp_path / "q"), "--state-file", str(tmp_path / "s.json"),
+        "--json",
+    )  # fmt: skip
+    assert done.returncode == ExitCode.FILES_FAILED, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["failed"], summary["files"]) == (1, manifest["files"])
+    assert "gone.jsonl" in done.stderr

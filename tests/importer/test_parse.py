@@ -87,7 +87,17 @@ def test_a_last_line_without_newline_waits_until_the_file_settles() -> None:
 
     messages, report = _read(complete + partial, settled=True)
     assert [m.text for m in messages] == ["done"]
-    assert report.skipped == {"truncated_tail": 1} and report.consumed == len(complete + partial)
+    assert report.skipped == {"truncated_tail": 1} and not report.partial
+    # the cut line stays unconsumed: if its writer completes it, the next run reads it as new
+    assert report.consumed == len(complete) and report.unfinished_tail == 1
+
+
+def test_a_settled_line_cut_inside_a_character_is_a_cut_tail() -> None:
+    complete = _turn("user", "done")
+    whole = '{"type":"assistant","message":{"role":"assistant","content":"caf\u00e9 au lait"}}\n'.encode()
+    cut = whole[: whole.index(b"\xc3") + 1]  # ends with the first byte of a two-byte character
+    _, report = _read(complete + cut, settled=True)
+    assert report.skipped == {"truncated_tail": 1} and report.consumed == len(complete)
 
 
 def test_a_complete_last_record_without_newline_is_read_once_settled() -> None:
@@ -127,3 +137,21 @@ def test_real_sessions_parse(real_sessions: Path) -> None:
     assert [(m.role, m.text) for m in sample] == [("user", "test message"), ("assistant", "response")]
     assert sample[0].cwd == "/test" and sample[0].git_branch == "main"
     assert all(m.is_sidechain for m in found["agent-session.jsonl"])
+
+
+def test_a_lone_surrogate_escape_is_replaced_and_the_record_kept() -> None:
+    # Node writes "\ud83d" alone when it cuts a text inside an emoji; Python's json accepts the line.
+    cut = b'{"type":"user","message":{"role":"user","content":[{"type":"text","text":"before \\ud83d after"},'
+    cut += b'{"type":"text","text":"second block \\ud83d\\ude00 paired"}]},"cwd":"/w/\\udc00x","timestamp":"t"}\n'
+    json.loads(cut)  # the premise: the record is valid for Python's json
+    messages, report = _read(cut + _turn("assistant", "next"))
+    assert not report.skipped
+    assert [m.text for m in messages] == ["before \ufffd after\n\nsecond block \U0001f600 paired", "next"]
+    assert messages[0].cwd == "/w/\ufffdx"
+    messages[0].text.encode()  # no surrogate is left to break the embedder or the store
+
+
+def test_a_nesting_too_deep_for_any_parser_is_bad_json() -> None:
+    deep = b'{"type":"user","message":' + b"[" * 200_000 + b"]" * 200_000 + b"}\n"
+    _, report = _read(deep + _turn("user", "after"))
+    assert report.skipped == {"bad_json": 1}

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import pytest
 from qdrant_client import QdrantClient, models
 
 from importer.contract import ShardSummary
-from importer.pipeline import RunStats
+from importer.pipeline import Importer, RunOptions, RunStats
 from importer.reader import discover
-from importer.runner import run_import, search
+from importer.runner import make_embedder, run_import, search
 from importer.settings import Settings
+from importer.sink import QdrantSink
 from importer.state.base import FileState
+from importer.state.file import FileStateStore
 
 Corpus = Callable[..., tuple[Path, dict[str, Any]]]
 FAULT_REASONS = {
@@ -233,7 +239,7 @@ async def test_the_older_importers_state_file_is_migrated_without_re_embedding(
     paths = [e["path"] for e in manifest["entries"]]
     mtime = {p: (root / p).stat().st_mtime for p in paths}
     legacy: dict[str, Any] = {
-        str(root / paths[0]): "2099-01-01T00:00:00",  # only an import time, after the file's mtime
+        str(root / paths[0]): datetime.now(UTC).isoformat(),  # only an import time, after the file's mtime
         str(root / paths[1]): {"last_modified": mtime[paths[1]], "last_imported": 1, "chunks_imported": 4},
         f"/old/mount/{paths[2]}": {
             "imported_at": "2099-01-01T00:00:00",
@@ -269,3 +275,56 @@ async def test_memory_budget_stops_with_state_saved_and_a_rerun_finishes(
     finished = await _run(_settings(root, tmp_path))
     assert finished.unchanged == len(saved)
     assert sum(s.messages for s in _state(settings).values()) == manifest["text_messages"]
+
+
+class SinkWhoseSecondUpsertHangs(QdrantSink):
+    """The real embedded store, except that its second upsert blocks until the test releases it:
+    a Qdrant call that hangs (a stalled connection, a stuck server)."""
+
+    hanging: threading.Event
+    release: threading.Event
+    upserts = 0
+
+    def upsert(self, collection: str, points: Sequence[models.PointStruct]) -> None:
+        self.upserts += 1
+        if self.upserts == 2:
+            self.hanging.set()
+            self.release.wait()
+        super().upsert(collection, points)
+
+
+@pytest.mark.parametrize(("stop_seconds", "requests"), [(1.0, 1), (3600.0, 2)], ids=["deadline", "second-request"])
+async def test_a_stop_abandons_a_hung_store_call_and_saves_what_was_acknowledged(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path, stop_seconds: float, requests: int
+) -> None:
+    root, manifest = make_corpus(files=24, profile="small", seed=31)
+    settings = _settings(root, tmp_path)
+    embedder = make_embedder(settings)
+    sink = cast(
+        SinkWhoseSecondUpsertHangs,
+        SinkWhoseSecondUpsertHangs.connect(
+            url=None, path=tmp_path / "qdrant", api_key=None, suffix=embedder.name, dimensions=embedder.dimensions
+        ),
+    )
+    sink.hanging, sink.release = threading.Event(), threading.Event()
+    assert settings.state_file is not None
+    options = RunOptions(checkpoint_seconds=0, stop_seconds=stop_seconds)
+    importer = Importer(
+        root=root, embedder=embedder, sink=sink, store=FileStateStore(settings.state_file), options=options
+    )
+    try:
+        running = asyncio.create_task(importer.run())
+        assert await asyncio.to_thread(sink.hanging.wait, 300), "no second upsert"
+        for _ in range(requests):
+            importer.request_stop("signal")
+        # without the deadline this waits for the hung call forever
+        stats = await asyncio.wait_for(running, 120)
+        sink.close()  # the hung call is still blocked; the store's folder is free for the checks below
+        assert (stats.stopped, stats.abandoned) == ("signal", True)
+        saved = _state(settings)
+        assert len(saved) < len(manifest["entries"])
+        for rel, state in saved.items():  # only what Qdrant acknowledged was claimed
+            assert _points(settings, rel) == state.chunks
+    finally:
+        sink.release.set()  # the abandoned call now fails on the closed client, in its own thread
+        await embedder.aclose()

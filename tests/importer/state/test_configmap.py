@@ -476,6 +476,16 @@ def test_corrupt_state_is_reported_not_overwritten(kube_api: client.ApiClient, n
     assert api.read_namespaced_config_map("bad-0", namespace).binary_data == {STATE_KEY: garbage}
 
 
+@pytest.mark.cluster
+def test_an_entry_that_cannot_be_understood_is_dropped_not_fatal(kube_api: client.ApiClient, namespace: str) -> None:
+    api = core(kube_api)
+    good = FileState(offset=10, next_chunk=2, chunks=2)
+    put_bucket(
+        api, namespace, "odd-0", 1, {"good.jsonl": good.to_json(), "bad.jsonl": 7, "worse.jsonl": {"chunks": "abc"}}
+    )
+    assert ConfigMapStateStore("odd", namespace, api=api).load() == {"good.jsonl": good}
+
+
 @pytest.fixture
 def restricted_api(kube_api: client.ApiClient, namespace: str) -> Iterator[client.CoreV1Api]:
     """A CoreV1Api authenticated as a ServiceAccount allowed only what the importer's Job gets."""
