@@ -47,6 +47,8 @@ class Settings:
     memory_limit: int | None = None
     memory_fraction: float = 0.8
     upsert_attempts: int = 6
+    #: Brute force over 20,000 points answers in a few milliseconds; past that an index pays (README "Storage").
+    index_min_points: int = 20_000
     json: bool = False
     progress: bool | None = None
 
@@ -100,6 +102,10 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "memory_limit": (int, "memory limit in bytes (default: the cgroup's)"),
     "memory_fraction": (float, "operational memory budget as a fraction of the limit"),
     "upsert_attempts": (int, "attempts per Qdrant write before the run fails"),
+    "index_min_points": (
+        int,
+        "embedded store: build the search index after a run that left this many points unindexed (0: never)",
+    ),
 }
 _ALIASES = {"qdrant_api_key": "QDRANT_API_KEY"}
 

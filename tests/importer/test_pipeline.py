@@ -9,13 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qdrant_client import QdrantClient, models
-
 from importer.pipeline import RunStats
 from importer.reader import discover
-from importer.runner import run_import, search
+from importer.runner import run_import
+from importer.search import search
 from importer.settings import Settings
 from importer.state.base import FileState
+from importer.store import all_points
+from importer.store.edge import EdgeStore
 
 Corpus = Callable[..., tuple[Path, dict[str, Any]]]
 FAULT_REASONS = {
@@ -50,18 +51,17 @@ def _state(settings: Settings) -> dict[str, FileState]:
     return {k: FileState.from_json(v) for k, v in files.items()}
 
 
+def _open_store(settings: Settings) -> EdgeStore:
+    assert settings.qdrant_path is not None
+    return EdgeStore.open(settings.qdrant_path, suffix="local", for_writing=False)
+
+
 def _points(settings: Settings, source: str | None = None) -> int:
-    client = QdrantClient(path=str(settings.qdrant_path))
+    store = _open_store(settings)
     try:
-        condition = None
-        if source is not None:
-            match = models.FieldCondition(key="source", match=models.MatchValue(value=source))
-            condition = models.Filter(must=[match])
-        return sum(
-            client.count(c.name, count_filter=condition, exact=True).count for c in client.get_collections().collections
-        )
+        return sum(store.count(name, source) for name in store.collections())
     finally:
-        client.close()
+        store.close()
 
 
 def _append(path: Path, *texts: str) -> None:
@@ -177,12 +177,12 @@ async def test_real_sessions_import(real_sessions: Path, model_dir: Path, tmp_pa
     stats = await _run(settings)
     assert stats.files == 3 and not stats.skipped
     assert stats.messages == sum(s.messages for s in _state(settings).values()) >= 3
-    client = QdrantClient(path=str(settings.qdrant_path))
+    store = _open_store(settings)
     try:
-        (collection,) = client.get_collections().collections
-        payloads = [p.payload for p in client.scroll(collection.name, limit=100)[0]]
+        (collection,) = store.collections()
+        payloads = [p.payload for page in all_points(store, collection) for p in page][:100]
     finally:
-        client.close()
+        store.close()
     required = {
         "text",
         "conversation_id",
