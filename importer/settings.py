@@ -47,8 +47,9 @@ class Settings:
     memory_limit: int | None = None
     memory_fraction: float = 0.8
     upsert_attempts: int = 6
-    #: Brute force over 20,000 points answers in a few milliseconds; past that an index pays (README "Storage").
-    index_min_points: int = 20_000
+    #: Measured (README "Benchmarks", store): brute force answers in ~3 ms at 20,000 points, where building the
+    #: index took minutes and did not make queries faster; ~100 ms at 100,000. So only past 100,000 (a choice).
+    index_min_points: int = 100_000
     json: bool = False
     progress: bool | None = None
 
