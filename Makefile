@@ -34,6 +34,8 @@ check: lint typecheck  ## lint and type-check
 bench:  ## run the benchmarks (prints numbers)
 	$(PY) bench/importer_bench.py
 	$(PY) bench/operator_bench.py
+	$(PY) bench/store_bench.py
+	$(PY) bench/memory_bench.py
 
 cluster:  ## start the local Kubernetes control plane and print the KUBECONFIG to export
 	$(PY) -m localcluster up

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--project", help="only this project")
     settings_module.add_arguments(search)
     search.set_defaults(handler=_search)
+
+    migrate = commands.add_parser(
+        "migrate", help="move a store written by earlier versions (qdrant-client local mode) into the embedded store"
+    )
+    migrate.add_argument("--qdrant-path", type=Path, required=True, help="folder of the store")
+    migrate.set_defaults(handler=_migrate)
+
+    export = commands.add_parser(
+        "export-to-server", help="copy the embedded store to a Qdrant server (idempotent, resumable; no re-embedding)"
+    )
+    export.add_argument("--qdrant-path", type=Path, required=True, help="folder of the embedded store")
+    export.add_argument("--qdrant-url", required=True, help="Qdrant server URL, e.g. http://localhost:6333")
+    export.add_argument("--qdrant-api-key", default=os.environ.get("QDRANT_API_KEY"), help="[QDRANT_API_KEY]")
+    export.add_argument("--provider", default="fastembed", help="whose collections: fastembed (default) or voyage")
+    export.set_defaults(handler=_export)
     return parser
 
 
@@ -116,7 +132,7 @@ def _human_summary(summary: dict[str, Any]) -> str:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from importer.runner import search
+    from importer.search import search
 
     settings = settings_module.from_arguments(args)
     hits = asyncio.run(search(settings, args.query, limit=args.limit, project=args.project))
@@ -125,4 +141,38 @@ def _search(args: argparse.Namespace) -> int:
     for hit in hits:
         print(f"{hit.score:.3f}  {hit.project}  {hit.timestamp}  {hit.source}#{hit.chunk_index}")
         print(f"       {hit.excerpt}")
+    return ExitCode.OK
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from importer.store.edge import EdgeStore
+    from importer.store.legacy import needs_migration
+
+    if not needs_migration(args.qdrant_path):
+        print(f"{args.qdrant_path}: no local-mode store to migrate")
+        return ExitCode.OK
+    # Opening for writing migrates (under the store's lock, so never beside a running import).
+    EdgeStore.open(args.qdrant_path, suffix="local", for_writing=True).close()
+    print(f"{args.qdrant_path}: migrated; the old files are in {args.qdrant_path}/local-mode-backup")
+    return ExitCode.OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from importer.search import provider_suffix
+    from importer.store.edge import EdgeStore
+    from importer.store.export import export, progress_file
+    from importer.store.server import ServerSink
+
+    suffix = provider_suffix(settings_module.Settings(provider=args.provider))
+    source = EdgeStore.open(args.qdrant_path, suffix=suffix, for_writing=False)
+    try:
+        target = ServerSink.connect(url=args.qdrant_url, api_key=args.qdrant_api_key, suffix=suffix)
+        try:
+            stats = export(source, target, progress_file(args.qdrant_path, args.qdrant_url))
+        finally:
+            target.close()
+    finally:
+        source.close()
+    for collection, points in stats.points.items():
+        print(f"{collection}: {points} points")
     return ExitCode.OK

@@ -7,6 +7,7 @@ import ctypes.util
 import gc
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +15,54 @@ import psutil
 
 log = logging.getLogger(__name__)
 
-_CGROUP_FILES = (
-    Path("/sys/fs/cgroup/memory.max"),  # cgroup v2
-    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),  # cgroup v1
-)
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROC_CGROUP = Path("/proc/self/cgroup")
 #: cgroup v1 reports "no limit" as a huge number near 2**63.
 _NO_LIMIT = 1 << 60
 
 
-def memory_limit(configured: int | None = None, cgroup_files: tuple[Path, ...] = _CGROUP_FILES) -> int | None:
+def cgroup_limit_files(proc_cgroup: Path = _PROC_CGROUP, root: Path = _CGROUP_ROOT) -> list[Path]:
+    """The limit files of this process's own memory cgroup and of each of its ancestors, v2 and v1.
+
+    The files at the mount root are the root cgroup's (unlimited) whenever the process sits in a nested
+    cgroup, as under a container runtime without a cgroup namespace: ``/proc/self/cgroup`` names the
+    right folder. Inside a cgroup namespace that path is ``/`` and this reduces to the root files.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    own = {"v2": "/", "v1": "/"}
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            own["v2"] = path
+        elif "memory" in controllers.split(","):
+            own["v1"] = path
+    files = [folder / "memory.max" for folder in _self_and_ancestors(root, own["v2"])]
+    files += [folder / "memory.limit_in_bytes" for folder in _self_and_ancestors(root / "memory", own["v1"])]
+    return files
+
+
+def _self_and_ancestors(mount: Path, path: str) -> list[Path]:
+    parts = [part for part in path.split("/") if part]
+    return [mount.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def memory_limit(configured: int | None = None, cgroup_files: Sequence[Path] | None = None) -> int | None:
     """The memory limit in bytes: the configured one (the Job fills it from the downward API), else the
-    cgroup's, else None when nothing limits the process."""
+    strictest of the process's cgroups (its own and its ancestors'), else None when nothing limits it."""
     if configured:
         return configured
-    for path in cgroup_files:
+    limits = []
+    for path in cgroup_limit_files() if cgroup_files is None else cgroup_files:
         try:
             raw = path.read_text().strip()
         except OSError:
             continue
         if raw.isdigit() and int(raw) < _NO_LIMIT:
-            return int(raw)
-    return None
+            limits.append(int(raw))
+    return min(limits, default=None)
 
 
 def rss_bytes() -> int:

@@ -26,14 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qdrant_client import models
-
 from importer.contract import RunNumbers, ShardSummary
 from importer.embed.base import Embedder
 from importer.memory import PeakRss, release_memory
 from importer.reader import ChunkItem, DeleteFile, FileDone, FileReader, Item, ReadLimits, discover, shard_of
-from importer.sink import QdrantSink
 from importer.state.base import DELETED, FileState, StateStore
+from importer.store import Point, Sink
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +106,7 @@ class Importer:
         *,
         root: Path,
         embedder: Embedder,
-        sink: QdrantSink,
+        sink: Sink,
         store: StateStore,
         options: RunOptions,
         progress: Any = None,
@@ -296,7 +294,7 @@ class Importer:
     async def _upsert(self, inbox: asyncio.Queue[tuple[list[Item], list[Any]] | None]) -> None:
         while (batch := await inbox.get()) is not None:
             items, vectors = batch
-            points: dict[str, list[models.PointStruct]] = {}
+            points: dict[str, list[Point]] = {}
             done: list[FileDone] = []
             vector_iter = iter(vectors)
             for item in items:
@@ -304,7 +302,7 @@ class Importer:
                     vector = next(vector_iter)
                     vector = vector if isinstance(vector, list) else vector.tolist()
                     points.setdefault(item.collection, []).append(
-                        models.PointStruct(id=item.id, vector=vector, payload=item.payload)
+                        Point(id=item.id, vector=vector, payload=item.payload)
                     )
                 elif isinstance(item, DeleteFile):
                     await self._write_points(points)
@@ -315,7 +313,7 @@ class Importer:
             for marker in done:
                 await self._acknowledge(marker)
 
-    async def _write_points(self, points: dict[str, list[models.PointStruct]]) -> None:
+    async def _write_points(self, points: dict[str, list[Point]]) -> None:
         for collection, batch in points.items():
             await in_daemon_thread(self.sink.upsert, collection, batch)
             self.stats.chunks += len(batch)

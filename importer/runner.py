@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -16,10 +15,11 @@ from importer.embed.base import Embedder
 from importer.memory import memory_limit
 from importer.pipeline import Importer, RunOptions, RunStats, in_daemon_thread
 from importer.reader import ReadLimits
+from importer.search import provider_suffix
 from importer.settings import Settings
-from importer.sink import QdrantSink
 from importer.state.base import StateStore
 from importer.state.file import FileStateStore
+from importer.store import Sink, open_sink
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,14 @@ def make_embedder(settings: Settings) -> Embedder:
     return LocalEmbedder(settings.model_dir, batch_size=settings.batch_size, threads=settings.workers)
 
 
-def make_sink(settings: Settings, embedder: Embedder) -> QdrantSink:
-    return QdrantSink.connect(
+def make_sink(settings: Settings) -> Sink:
+    return open_sink(
         url=settings.qdrant_url,
         path=settings.qdrant_path,
         api_key=settings.qdrant_api_key,
-        suffix=embedder.name,
-        dimensions=embedder.dimensions,
+        suffix=provider_suffix(settings),
         attempts=settings.upsert_attempts,
+        index_min_points=settings.index_min_points,
     )
 
 
@@ -88,12 +88,13 @@ def run_options(settings: Settings, embedder: Embedder) -> RunOptions:
 
 async def run_import(settings: Settings) -> RunStats:
     store = make_store(settings)
-    embedder = make_embedder(settings)
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(embedder.aclose)
-        sink = make_sink(settings, embedder)
+        # The store before the model: a store held by another importer fails at once.
+        sink = make_sink(settings)
         importers: list[Importer] = []  # filled below: closing depends on how the run ended
         stack.push_async_callback(_close_sink, sink, importers)
+        embedder = make_embedder(settings)
+        stack.push_async_callback(embedder.aclose)
         show_progress = settings.progress if settings.progress is not None else sys.stderr.isatty()
         progress = stack.enter_context(tqdm(unit="file", disable=not show_progress, dynamic_ncols=True))
         assert settings.source is not None  # validated
@@ -110,11 +111,15 @@ async def run_import(settings: Settings) -> RunStats:
         for signum in (signal.SIGTERM, signal.SIGINT):
             # Stop taking files; what is in flight is finished and saved (a second signal: abandoned).
             loop.add_signal_handler(signum, importer.request_stop, "signal")
-        return await importer.run()
+        stats = await importer.run()
+        if not stats.stopped:
+            # Only a run that finished: a stopped one is about to be killed or retried.
+            await asyncio.to_thread(sink.finish)
+        return stats
     raise AssertionError("unreachable")
 
 
-async def _close_sink(sink: QdrantSink, importers: list[Importer]) -> None:
+async def _close_sink(sink: Sink, importers: list[Importer]) -> None:
     """Close the store; after an abandoned run a call of it may still hang, so closing may not wait."""
     if not any(importer.stats.abandoned for importer in importers):
         sink.close()
@@ -124,49 +129,3 @@ async def _close_sink(sink: QdrantSink, importers: list[Importer]) -> None:
             await asyncio.wait_for(in_daemon_thread(sink.close), CLOSE_AFTER_ABANDON_SECONDS)
         except TimeoutError:
             log.warning("the store did not close in time; leaving it", extra={"seconds": CLOSE_AFTER_ABANDON_SECONDS})
-
-
-@dataclass
-class Hit:
-    score: float
-    project: str
-    timestamp: str
-    source: str
-    chunk_index: int
-    excerpt: str
-
-
-async def search(settings: Settings, query: str, *, limit: int = 5, project: str | None = None) -> list[Hit]:
-    """Top hits over every collection of this provider (or one project's)."""
-    embedder = make_embedder(settings)
-    try:
-        vector = await embedder.embed_query(query)
-    finally:
-        await embedder.aclose()
-    sink = make_sink(settings, embedder)
-    try:
-        return await asyncio.to_thread(_search_collections, sink, vector, limit, project)
-    finally:
-        sink.close()
-
-
-def _search_collections(sink: QdrantSink, vector: list[float], limit: int, project: str | None) -> list[Hit]:
-    names = [c.name for c in sink.client.get_collections().collections if c.name.endswith(f"_{sink.suffix}")]
-    if project is not None:
-        names = [sink.collection_for(project)] if sink.collection_for(project) in names else []
-    hits: list[Hit] = []
-    for name in names:
-        for point in sink.client.query_points(name, query=vector, limit=limit, with_payload=True).points:
-            payload = point.payload or {}
-            text = " ".join(str(payload.get("text", "")).split())
-            hits.append(
-                Hit(
-                    score=point.score,
-                    project=str(payload.get("project", "")),
-                    timestamp=str(payload.get("timestamp", "")),
-                    source=str(payload.get("source", "")),
-                    chunk_index=int(payload.get("chunk_index", 0)),
-                    excerpt=text[:200] + ("…" if len(text) > 200 else ""),
-                )
-            )
-    return sorted(hits, key=lambda h: h.score, reverse=True)[:limit]

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qdrant_client import QdrantClient
 
 from importer.contract import ExitCode
 from importer.state.configmap import ConfigMapStateStore
+from importer.store.edge import EdgeStore
 from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,11 +42,11 @@ def _state_files(path: Path) -> dict[str, Any]:
 
 
 def _points(qdrant: Path) -> int:
-    client = QdrantClient(path=str(qdrant))
+    store = EdgeStore.open(qdrant, suffix="local", for_writing=False)
     try:
-        return sum(client.count(c.name, exact=True).count for c in client.get_collections().collections)
+        return sum(store.count(name) for name in store.collections())
     finally:
-        client.close()
+        store.close()
 
 
 def _closed_port() -> int:

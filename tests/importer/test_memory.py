@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from importer.memory import PeakRss, memory_limit, release_memory
+from importer.memory import PeakRss, cgroup_limit_files, memory_limit, release_memory
 
 
 def test_the_configured_limit_wins_then_cgroup_v2_then_v1(tmp_path: Path) -> None:
@@ -32,3 +32,32 @@ def test_releasing_memory_returns_freed_heap_pages_to_the_system() -> None:
     release_memory()
     assert peak.sample() < grown - (60 << 20)
     assert len(pinned) == 1000 and peak.peak >= grown
+
+
+def test_the_limit_comes_from_the_process_own_nested_cgroup_not_the_root(tmp_path: Path) -> None:
+    """cgroup v1 nested as this machine has it: the root's file says unlimited, the process's own says 512 MiB."""
+    root = tmp_path / "sys-fs-cgroup"
+    own = root / "memory" / "jobs" / "run-1"
+    own.mkdir(parents=True)
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (root / "memory" / "jobs" / "memory.limit_in_bytes").write_text(f"{1 << 30}\n")
+    (own / "memory.limit_in_bytes").write_text(f"{512 << 20}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("5:devices:/\n4:memory:/jobs/run-1\n1:cpu:/\n0::/\n")
+
+    files = cgroup_limit_files(proc, root)
+
+    assert own / "memory.limit_in_bytes" in files
+    assert memory_limit(None, files) == 512 << 20
+    (own / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # unlimited itself: the parent's limit holds
+    assert memory_limit(None, cgroup_limit_files(proc, root)) == 1 << 30
+
+
+def test_cgroup_v2_own_path(tmp_path: Path) -> None:
+    root = tmp_path / "sys-fs-cgroup"
+    (root / "kubepods" / "pod-a").mkdir(parents=True)
+    (root / "memory.max").write_text("max\n")
+    (root / "kubepods" / "pod-a" / "memory.max").write_text(f"{300 << 20}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/kubepods/pod-a\n")
+    assert memory_limit(None, cgroup_limit_files(proc, root)) == 300 << 20

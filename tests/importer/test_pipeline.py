@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from qdrant_client import QdrantClient, models
 
 from importer.contract import ShardSummary
 from importer.pipeline import Importer, RunOptions, RunStats
 from importer.reader import discover
-from importer.runner import make_embedder, run_import, search
+from importer.runner import make_embedder, make_sink, run_import
+from importer.search import search
 from importer.settings import Settings
-from importer.sink import QdrantSink
 from importer.state.base import FileState
 from importer.state.file import FileStateStore
+from importer.store import Point, Sink, all_points
+from importer.store.edge import EdgeStore
 
 Corpus = Callable[..., tuple[Path, dict[str, Any]]]
 FAULT_REASONS = {
@@ -62,18 +63,17 @@ def _summary(settings: Settings) -> ShardSummary:
     return ShardSummary.model_validate(json.loads(settings.state_file.read_text())["summary"])
 
 
+def _open_store(settings: Settings) -> EdgeStore:
+    assert settings.qdrant_path is not None
+    return EdgeStore.open(settings.qdrant_path, suffix="local", for_writing=False)
+
+
 def _points(settings: Settings, source: str | None = None) -> int:
-    client = QdrantClient(path=str(settings.qdrant_path))
+    store = _open_store(settings)
     try:
-        condition = None
-        if source is not None:
-            match = models.FieldCondition(key="source", match=models.MatchValue(value=source))
-            condition = models.Filter(must=[match])
-        return sum(
-            client.count(c.name, count_filter=condition, exact=True).count for c in client.get_collections().collections
-        )
+        return sum(store.count(name, source) for name in store.collections())
     finally:
-        client.close()
+        store.close()
 
 
 def _append(path: Path, *texts: str) -> None:
@@ -197,12 +197,12 @@ async def test_real_sessions_import(real_sessions: Path, model_dir: Path, tmp_pa
     stats = await _run(settings)
     assert stats.files == 3 and not stats.skipped
     assert stats.messages == sum(s.messages for s in _state(settings).values()) >= 3
-    client = QdrantClient(path=str(settings.qdrant_path))
+    store = _open_store(settings)
     try:
-        (collection,) = client.get_collections().collections
-        payloads = [p.payload for p in client.scroll(collection.name, limit=100)[0]]
+        (collection,) = store.collections()
+        payloads = [p.payload for page in all_points(store, collection) for p in page][:100]
     finally:
-        client.close()
+        store.close()
     required = {
         "text",
         "conversation_id",
@@ -277,20 +277,24 @@ async def test_memory_budget_stops_with_state_saved_and_a_rerun_finishes(
     assert sum(s.messages for s in _state(settings).values()) == manifest["text_messages"]
 
 
-class SinkWhoseSecondUpsertHangs(QdrantSink):
+class SinkWhoseSecondUpsertHangs:
     """The real embedded store, except that its second upsert blocks until the test releases it:
-    a Qdrant call that hangs (a stalled connection, a stuck server)."""
+    a Qdrant call that hangs (a stalled connection, a stuck server). Everything else is the real store's."""
 
-    hanging: threading.Event
-    release: threading.Event
-    upserts = 0
+    def __init__(self, real: Sink) -> None:
+        self.real = real
+        self.hanging, self.release = threading.Event(), threading.Event()
+        self.upserts = 0
 
-    def upsert(self, collection: str, points: Sequence[models.PointStruct]) -> None:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def upsert(self, collection: str, points: Sequence[Point]) -> None:
         self.upserts += 1
         if self.upserts == 2:
             self.hanging.set()
             self.release.wait()
-        super().upsert(collection, points)
+        self.real.upsert(collection, points)
 
 
 @pytest.mark.parametrize(("stop_seconds", "requests"), [(1.0, 1), (3600.0, 2)], ids=["deadline", "second-request"])
@@ -300,17 +304,11 @@ async def test_a_stop_abandons_a_hung_store_call_and_saves_what_was_acknowledged
     root, manifest = make_corpus(files=24, profile="small", seed=31)
     settings = _settings(root, tmp_path)
     embedder = make_embedder(settings)
-    sink = cast(
-        SinkWhoseSecondUpsertHangs,
-        SinkWhoseSecondUpsertHangs.connect(
-            url=None, path=tmp_path / "qdrant", api_key=None, suffix=embedder.name, dimensions=embedder.dimensions
-        ),
-    )
-    sink.hanging, sink.release = threading.Event(), threading.Event()
+    sink = SinkWhoseSecondUpsertHangs(make_sink(settings))
     assert settings.state_file is not None
     options = RunOptions(checkpoint_seconds=0, stop_seconds=stop_seconds)
     importer = Importer(
-        root=root, embedder=embedder, sink=sink, store=FileStateStore(settings.state_file), options=options
+        root=root, embedder=embedder, sink=cast(Sink, sink), store=FileStateStore(settings.state_file), options=options
     )
     try:
         running = asyncio.create_task(importer.run())
