@@ -31,9 +31,10 @@ typecheck:  ## mypy
 
 check: lint typecheck  ## lint and type-check
 
-bench:  ## run the benchmarks (prints numbers)
+bench:  ## run the benchmarks (prints numbers; retrieval needs ../shared/corpus/real-eval)
 	$(PY) bench/importer_bench.py
 	$(PY) bench/operator_bench.py
+	$(PY) bench/retrieval_bench.py
 
 cluster:  ## start the local Kubernetes control plane and print the KUBECONFIG to export
 	$(PY) -m localcluster up

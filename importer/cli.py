@@ -9,12 +9,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pythonjsonlogger.json import JsonFormatter
 
 from importer import settings as settings_module
 from importer.settings import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_MEMORY_BUDGET, EXIT_OK, SettingsError
+
+if TYPE_CHECKING:
+    from importer.search import ConversationMessage, Hit
 
 log = logging.getLogger("importer")
 #: Hits asked for per session shown: several hits of one session collapse into one entry.
@@ -157,8 +160,34 @@ def _search(args: argparse.Namespace) -> int:
         best = group.best
         more = f", {len(group.hits) - 1} more hits" if len(group.hits) > 1 else ""
         print(f"{rank}. {best.score:.3f}  {best.project}  {best.timestamp}  {group.session}{more}")
+        before, after = _context(settings, best) if settings.source else ("", "")
+        if before:
+            print(f"   before: {before}")
         print(f"   #{best.chunk_index}: {best.excerpt}")
+        if after:
+            print(f"   after:  {after}")
     return EXIT_OK
+
+
+def _context(settings: settings_module.Settings, hit: Hit) -> tuple[str, str]:
+    """The message just before and just after a hit, from its session file (with ``--source``)."""
+    from importer.search import messages_around
+
+    try:
+        around = messages_around(settings, hit.source, hit.chunk_index, around=1)
+    except (LookupError, OSError):
+        return "", ""  # the file moved or changed since the import: the hit alone
+    inside = [i for i, message in enumerate(around) if message.in_hit]
+    before = around[inside[0] - 1] if inside[0] > 0 else None
+    after = around[inside[-1] + 1] if inside[-1] + 1 < len(around) else None
+    return _one_line(before), _one_line(after)
+
+
+def _one_line(message: ConversationMessage | None, width: int = 150) -> str:
+    if message is None:
+        return ""
+    flat = " ".join(message.text.split())
+    return f"{message.role}: {flat[:width]}" + ("…" if len(flat) > width else "")
 
 
 def _mcp(args: argparse.Namespace) -> int:

@@ -51,6 +51,15 @@ def test_a_sub_agent_counts_as_its_parent_session_in_the_grouped_output(searchab
     assert "-home-bob-infra/s2.jsonl" in entries[1]
 
 
+def test_the_grouped_output_shows_the_message_after_the_best_moment(searchable_store: Any) -> None:
+    lines = _search(searchable_store, "why did my dough stay flat", "--limit", "1").splitlines()
+    assert lines[0].startswith("1. ") and "bakery  2025-01-10T09:00:00Z  -home-ann-bakery/s1.jsonl" in lines[0]
+    assert lines[1].startswith("   #0: User: Why is my bread dough not rising?")
+    # The chunk holds the session's first five messages: nothing before it, the sixth after it.
+    assert lines[2] == "   after:  assistant: Knead about ten minutes, until the dough passes the windowpane test."
+    assert len(lines) == 3
+
+
 def test_filters_by_time_project_and_role(searchable_store: Any) -> None:
     query = "why did my dough stay flat"
     assert _json_hits(searchable_store, query)[0]["project"] == "bakery"
