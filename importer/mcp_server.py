@@ -38,7 +38,8 @@ def build_server(settings: Settings, *, hold_store: bool = False) -> MCPServer[A
     async def lifespan(server: MCPServer[Any]) -> AsyncIterator[None]:
         nonlocal searcher
         # Loaded before the first call, so every search is warm.
-        searcher = await Searcher.open(settings, hold_store=hold_store)
+        # A server has no one-process lock: its connection is kept whatever ``hold_store`` says.
+        searcher = await Searcher.open(settings, hold_store=hold_store or settings.qdrant_path is None)
         try:
             yield
         finally:

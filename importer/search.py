@@ -222,7 +222,8 @@ def open_store(settings: Settings) -> Sink:
 async def search(
     settings: Settings, query: str, *, limit: int = 5, project: str | None = None, wanted: SearchFilter | None = None
 ) -> list[Hit]:
-    """Top hits over every collection of this provider (or one project's)."""
+    """Top hits over every collection of this provider (or one project's); ``wanted``, if given, replaces
+    ``project`` with all the filters."""
     searcher = await Searcher.open(settings, hold_store=True)
     try:
         return await searcher.search(query, limit=limit, wanted=wanted or SearchFilter(project=project))
