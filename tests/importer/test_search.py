@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from importer.search import messages_around, parse_since, session_of, split_messages
+from importer.search import Hit, SearchFilter, matches, messages_around, parse_since, session_of, split_messages
 from importer.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,3 +121,18 @@ def test_since_takes_durations_and_dates() -> None:
 def test_session_of_maps_sub_agents_to_their_parent() -> None:
     assert session_of("p/abc/subagents/agent-1.jsonl") == "p/abc.jsonl"
     assert session_of("p/abc.jsonl") == "p/abc.jsonl"
+
+
+def test_role_and_time_filters_on_single_hits() -> None:
+    def hit(text: str, timestamp: str, start_role: str = "user") -> Hit:
+        return Hit(0.5, "p", timestamp, "p/s.jsonl", 0, text[:200], text=text, start_role=start_role)
+
+    asked = hit("User: only a question", "2026-02-01T10:00:00Z")
+    both = hit("User: a question\n\nAssistant: an answer", "2026-02-01T10:00:00Z")
+    piece = hit("the rest of a long answer", "2026-02-01T10:00:00Z", start_role="assistant")
+    assert not matches(asked, SearchFilter(role="assistant")) and matches(both, SearchFilter(role="assistant"))
+    assert matches(piece, SearchFilter(role="assistant")) and not matches(piece, SearchFilter(role="user"))
+    since = datetime(2026, 2, 1, 10, 0, 1, tzinfo=UTC)
+    assert not matches(asked, SearchFilter(since=since))
+    assert matches(asked, SearchFilter(since=since - timedelta(seconds=1)))
+    assert not matches(hit("User: x", ""), SearchFilter(since=since))  # no time: not shown to be recent
