@@ -31,11 +31,12 @@ typecheck:  ## mypy
 
 check: lint typecheck  ## lint and type-check
 
-bench:  ## run the benchmarks (prints numbers)
+bench:  ## run the benchmarks (prints numbers; retrieval needs ../shared/corpus/real-eval)
 	$(PY) bench/importer_bench.py
 	$(PY) bench/operator_bench.py
 	$(PY) bench/store_bench.py
 	$(PY) bench/memory_bench.py
+	$(PY) bench/retrieval_bench.py
 
 cluster:  ## start the local Kubernetes control plane and print the KUBECONFIG to export
 	$(PY) -m localcluster up

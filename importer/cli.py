@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -18,7 +18,12 @@ from importer import settings as settings_module
 from importer.contract import ExitCode
 from importer.settings import SettingsError
 
+if TYPE_CHECKING:
+    from importer.search import ConversationMessage, Hit
+
 log = logging.getLogger("importer")
+#: Hits asked for per session shown: several hits of one session collapse into one entry.
+SESSION_OVERFETCH = 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,10 +62,19 @@ def _parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="search imported conversations by meaning")
     search.add_argument("query")
-    search.add_argument("--limit", type=int, default=5)
-    search.add_argument("--project", help="only this project")
-    settings_module.add_arguments(search)
+    search.add_argument("--limit", type=int, default=5, help="sessions shown (with --json: hits printed)")
+    _add_filter_arguments(search)
+    settings_module.add_arguments(search)  # its --json: one JSON object per hit
     search.set_defaults(handler=_search)
+
+    mcp = commands.add_parser("mcp", help="serve search to Claude Code as an MCP server over stdio")
+    settings_module.add_arguments(mcp)
+    mcp.add_argument(
+        "--hold-store",
+        action="store_true",
+        help="keep the embedded store open between calls (faster; no import can run meanwhile)",
+    )
+    mcp.set_defaults(handler=_mcp)
 
     migrate = commands.add_parser(
         "migrate", help="move a store written by earlier versions (qdrant-client local mode) into the embedded store"
@@ -131,16 +145,64 @@ def _human_summary(summary: dict[str, Any]) -> str:
     )
 
 
+def _add_filter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--project", help="only this project (the last folder of the session's working directory)")
+    parser.add_argument("--since", help="only moments since: a duration (2w, 3d, 12h) or a date (2026-01-31)")
+    parser.add_argument("--role", choices=("user", "assistant"), help="only hits holding a message of this role")
+
+
 def _search(args: argparse.Namespace) -> int:
-    from importer.search import search
+    from importer.search import SearchFilter, group_by_session, parse_since, search
 
     settings = settings_module.from_arguments(args)
-    hits = asyncio.run(search(settings, args.query, limit=args.limit, project=args.project))
+    since = parse_since(args.since) if args.since else None
+    wanted = SearchFilter(project=args.project, since=since, role=args.role)
+    if settings.json:
+        for hit in asyncio.run(search(settings, args.query, limit=args.limit, wanted=wanted)):
+            print(json.dumps(hit.to_json(), ensure_ascii=False))
+        return ExitCode.OK
+    # Several hits of one session collapse into one entry: ask for more than the sessions shown.
+    hits = asyncio.run(search(settings, args.query, limit=args.limit * SESSION_OVERFETCH, wanted=wanted))
     if not hits:
         print("no results (has anything been imported into this Qdrant with this provider?)")
-    for hit in hits:
-        print(f"{hit.score:.3f}  {hit.project}  {hit.timestamp}  {hit.source}#{hit.chunk_index}")
-        print(f"       {hit.excerpt}")
+    for rank, group in enumerate(group_by_session(hits, args.limit), 1):
+        best = group.best
+        more = f", {len(group.hits) - 1} more hits" if len(group.hits) > 1 else ""
+        print(f"{rank}. {best.score:.3f}  {best.project}  {best.timestamp}  {group.session}{more}")
+        before, after = _context(settings, best) if settings.source else ("", "")
+        if before:
+            print(f"   before: {before}")
+        print(f"   #{best.chunk_index}: {best.excerpt}")
+        if after:
+            print(f"   after:  {after}")
+    return ExitCode.OK
+
+
+def _context(settings: settings_module.Settings, hit: Hit) -> tuple[str, str]:
+    """The message just before and just after a hit, from its session file (with ``--source``)."""
+    from importer.search import messages_around
+
+    try:
+        around = messages_around(settings, hit.source, hit.chunk_index, around=1)
+    except (LookupError, OSError):
+        return "", ""  # the file moved or changed since the import: the hit alone
+    inside = [i for i, message in enumerate(around) if message.in_hit]
+    before = around[inside[0] - 1] if inside[0] > 0 else None
+    after = around[inside[-1] + 1] if inside[-1] + 1 < len(around) else None
+    return _one_line(before), _one_line(after)
+
+
+def _one_line(message: ConversationMessage | None, width: int = 150) -> str:
+    if message is None:
+        return ""
+    flat = " ".join(message.text.split())
+    return f"{message.role}: {flat[:width]}" + ("…" if len(flat) > width else "")
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    from importer.mcp_server import serve
+
+    serve(settings_module.from_arguments(args), hold_store=args.hold_store)
     return ExitCode.OK
 
 
@@ -176,3 +238,8 @@ def _export(args: argparse.Namespace) -> int:
     for collection, points in stats.points.items():
         print(f"{collection}: {points} points")
     return ExitCode.OK
+
+
+def mcp_main() -> int:
+    """The ``reflection-mcp`` console script: ``python -m importer mcp``."""
+    return main(["mcp", *sys.argv[1:]])

@@ -2,15 +2,49 @@
 
 A person waits for this, so it imports neither the import pipeline nor qdrant-client (for an embedded
 store) nor fastembed: the tokenizer and one onnxruntime session embed the query, Edge opens the shards.
+
+:class:`Searcher` keeps the query model loaded between queries (the MCP server, the retrieval benchmark);
+:func:`search` is one query with everything opened and closed around it (the command line).
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path, PurePosixPath
+from typing import Any
 
-from importer.settings import Settings
-from importer.store import Sink, open_sink
+from importer.chunk import ROLE_LABELS, Chunker
+from importer.parse import ParseReport, read_messages
+from importer.settings import Settings, SettingsError
+from importer.store import ScoredPayload, Sink, open_sink
+
+#: With a filter the store cannot apply (time, role), each collection is asked for this many times the
+#: hits wanted, and the filter is applied to those: the store's query takes no payload filter yet.
+FILTER_OVERFETCH = 10
+_LABELS = {label: role for role, label in ROLE_LABELS.items()}
+#: Where a chunk's next message starts: the chunker joins labelled messages with a blank line.
+_MESSAGE_START = re.compile(r"(?:\A|\n\n)(" + "|".join(_LABELS) + r"): ")
+_DURATION = re.compile(r"^(\d+)\s*([mhdwy])$")
+_UNIT_DAYS = {"m": 1 / 1440, "h": 1 / 24, "d": 1, "w": 7, "y": 365}
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """What a hit must match besides the query; ``None`` matches anything."""
+
+    project: str | None = None
+    #: Only chunks whose first message is at or after this instant.
+    since: datetime | None = None
+    #: Only chunks holding a message of this role (``user`` or ``assistant``).
+    role: str | None = None
+
+    @property
+    def needs_overfetch(self) -> bool:
+        return self.since is not None or self.role is not None
 
 
 @dataclass
@@ -18,15 +52,164 @@ class Hit:
     score: float
     project: str
     timestamp: str
+    #: The session file, relative to the source root of the import.
     source: str
     chunk_index: int
     excerpt: str
+    text: str = ""
+    conversation_id: str = ""
+    start_role: str = ""
+    message_count: int = 0
+    git_branch: str = ""
+    is_sidechain: bool = False
+    tools_used: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def session(self) -> str:
+        """The session file this hit belongs to: a sub-agent's file counts as its parent session's."""
+        return session_of(self.source)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The messages the chunk covers, as ``{role, text}``, read back from its labelled text."""
+        return split_messages(self.text, self.start_role)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "score": round(self.score, 4),
+            "project": self.project,
+            "timestamp": self.timestamp,
+            "session_file": self.source,
+            "session": self.session,
+            "conversation_id": self.conversation_id,
+            "chunk_index": self.chunk_index,
+            "start_role": self.start_role,
+            "message_count": self.message_count,
+            "git_branch": self.git_branch,
+            "is_sidechain": self.is_sidechain,
+            "text": self.text,
+            "messages": self.messages(),
+            "tools_used": self.tools_used,
+            "files": self.files,
+        }
 
 
-async def search(settings: Settings, query: str, *, limit: int = 5, project: str | None = None) -> list[Hit]:
-    """Top hits over every collection of this provider (or one project's)."""
-    # The store first: a missing or busy store fails before the model is loaded.
-    sink = open_sink(
+@dataclass
+class SessionHits:
+    """The hits of one session, best first."""
+
+    session: str
+    hits: list[Hit]
+
+    @property
+    def best(self) -> Hit:
+        return self.hits[0]
+
+
+def session_of(source: str) -> str:
+    """``<project>/<session>/subagents/agent-x.jsonl`` belongs to ``<project>/<session>.jsonl``."""
+    path = PurePosixPath(source)
+    if len(path.parts) >= 3 and path.parts[-2] == "subagents":
+        return str(path.parent.parent) + ".jsonl"
+    return source
+
+
+def split_messages(text: str, start_role: str = "") -> list[dict[str, str]]:
+    """Split a chunk's text at its ``User:``/``Assistant:`` labels. A piece of a message too long for one
+    chunk has no label after its first piece: it is one message of ``start_role``."""
+    found = list(_MESSAGE_START.finditer(text))
+    messages: list[dict[str, str]] = []
+    if not found or found[0].start() > 0:
+        head = text[: found[0].start()] if found else text
+        if head.strip():
+            messages.append({"role": start_role, "text": head.strip()})
+    for i, match in enumerate(found):
+        end = found[i + 1].start() if i + 1 < len(found) else len(text)
+        messages.append({"role": _LABELS[match.group(1)], "text": text[match.end() : end].strip()})
+    return messages
+
+
+def group_by_session(hits: list[Hit], sessions: int) -> list[SessionHits]:
+    """The ``sessions`` best sessions, in the order of their best hit."""
+    groups: dict[str, list[Hit]] = {}
+    for hit in sorted(hits, key=lambda h: h.score, reverse=True):
+        groups.setdefault(hit.session, []).append(hit)
+    return [SessionHits(session, found) for session, found in list(groups.items())[:sessions]]
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """``2w``, ``3d``, ``12h``, ``30m``, ``1y`` before now, or a date / date-time (ISO 8601, UTC if no zone)."""
+    now = now or datetime.now(UTC)
+    match = _DURATION.match(value.strip())
+    if match:
+        return now - timedelta(days=int(match.group(1)) * _UNIT_DAYS[match.group(2)])
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        try:
+            parsed = datetime.combine(date.fromisoformat(value.strip()), datetime.min.time())
+        except ValueError:
+            raise SettingsError(f"--since {value!r}: give a duration (2w, 3d, 12h) or a date (2026-01-31)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def matches(hit: Hit, wanted: SearchFilter) -> bool:
+    if wanted.since is not None:
+        try:
+            when = datetime.fromisoformat(hit.timestamp)
+        except ValueError:
+            return False  # no time: it cannot be shown to be recent
+        if (when if when.tzinfo else when.replace(tzinfo=UTC)) < wanted.since:
+            return False
+    return wanted.role is None or any(m["role"] == wanted.role for m in hit.messages())
+
+
+class Searcher:
+    """The query model loaded once; the store held open (``store`` given) or opened for each query.
+
+    An embedded store admits one process at a time, an import included: a long-lived searcher that held it
+    would make every import fail while it runs, so one without a ``store`` opens it for each query.
+    """
+
+    def __init__(self, settings: Settings, model: QueryModel, *, store: Sink | None = None) -> None:
+        self.settings = settings
+        self._model = model
+        self._held = store
+
+    @classmethod
+    async def open(cls, settings: Settings, *, hold_store: bool = False) -> Searcher:
+        # The store first: a missing or busy store fails before the model is loaded.
+        store = open_store(settings) if hold_store else None
+        try:
+            return cls(settings, await _query_model(settings), store=store)
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
+
+    async def search(self, query: str, *, limit: int = 5, wanted: SearchFilter | None = None) -> list[Hit]:
+        wanted = wanted or SearchFilter()
+        # The store first: a missing or busy store fails before the query is embedded.
+        sink = self._held or open_store(self.settings)
+        try:
+            vector = await self._model.embed(query)
+            return await asyncio.to_thread(_search_collections, sink, vector, limit, wanted)
+        finally:
+            if sink is not self._held:
+                sink.close()
+
+    async def aclose(self) -> None:
+        try:
+            await self._model.aclose()
+        finally:
+            if self._held is not None:
+                self._held.close()
+                self._held = None
+
+
+def open_store(settings: Settings) -> Sink:
+    """The store ``search`` reads: the embedded one at ``--qdrant-path`` or the server, never created."""
+    return open_sink(
         url=settings.qdrant_url,
         path=settings.qdrant_path,
         api_key=settings.qdrant_api_key,
@@ -34,11 +217,18 @@ async def search(settings: Settings, query: str, *, limit: int = 5, project: str
         attempts=settings.upsert_attempts,
         for_writing=False,
     )
+
+
+async def search(
+    settings: Settings, query: str, *, limit: int = 5, project: str | None = None, wanted: SearchFilter | None = None
+) -> list[Hit]:
+    """Top hits over every collection of this provider (or one project's); ``wanted``, if given, replaces
+    ``project`` with all the filters."""
+    searcher = await Searcher.open(settings, hold_store=True)
     try:
-        vector = await _embed_query(settings, query)
-        return await asyncio.to_thread(_search_collections, sink, vector, limit, project)
+        return await searcher.search(query, limit=limit, wanted=wanted or SearchFilter(project=project))
     finally:
-        sink.close()
+        await searcher.aclose()
 
 
 def provider_suffix(settings: Settings) -> str:
@@ -52,40 +242,126 @@ def provider_suffix(settings: Settings) -> str:
     return QueryEmbedder.name
 
 
-async def _embed_query(settings: Settings, query: str) -> list[float]:
+@dataclass
+class QueryModel:
+    """Embeds one query; its model loaded once."""
+
+    embed: Callable[[str], Awaitable[list[float]]]
+    aclose: Callable[[], Awaitable[None]]
+
+
+async def _query_model(settings: Settings) -> QueryModel:
     if settings.provider == "voyage":
         from importer.runner import make_embedder
 
         embedder = make_embedder(settings)
-        try:
-            return await embedder.embed_query(query)
-        finally:
-            await embedder.aclose()
+        return QueryModel(embedder.embed_query, embedder.aclose)
     from importer.embed.query import QueryEmbedder
     from importer.model import check_model_dir, default_model_dir
 
     model_dir = settings.model_dir or default_model_dir()
     check_model_dir(model_dir)
-    return await asyncio.to_thread(QueryEmbedder(model_dir).embed_query, query)
+    model = await asyncio.to_thread(QueryEmbedder, model_dir)
+
+    async def embed(query: str) -> list[float]:
+        return await asyncio.to_thread(model.embed_query, query)
+
+    async def nothing_to_close() -> None:
+        return None
+
+    return QueryModel(embed, nothing_to_close)
 
 
-def _search_collections(sink: Sink, vector: list[float], limit: int, project: str | None) -> list[Hit]:
+def _search_collections(sink: Sink, vector: list[float], limit: int, wanted: SearchFilter) -> list[Hit]:
     names = sink.collections()
-    if project is not None:
-        names = [name for name in names if name == sink.collection_for(project)]
-    hits: list[Hit] = []
-    for name in names:
-        for found in sink.query(name, vector, limit):
-            payload = found.payload
-            text = " ".join(str(payload.get("text", "")).split())
-            hits.append(
-                Hit(
-                    score=found.score,
-                    project=str(payload.get("project", "")),
-                    timestamp=str(payload.get("timestamp", "")),
-                    source=str(payload.get("source", "")),
-                    chunk_index=int(payload.get("chunk_index", 0)),
-                    excerpt=text[:200] + ("…" if len(text) > 200 else ""),
-                )
-            )
+    if wanted.project is not None:
+        names = [name for name in names if name == sink.collection_for(wanted.project)]
+    asked = limit * FILTER_OVERFETCH if wanted.needs_overfetch else limit
+    hits = [_hit(found) for name in names for found in sink.query(name, vector, asked)]
+    hits = [hit for hit in hits if matches(hit, wanted)]
     return sorted(hits, key=lambda h: h.score, reverse=True)[:limit]
+
+
+def _hit(found: ScoredPayload) -> Hit:
+    payload = found.payload
+    text = str(payload.get("text", ""))
+    flat = " ".join(text.split())
+    return Hit(
+        score=found.score,
+        project=str(payload.get("project", "")),
+        timestamp=str(payload.get("timestamp", "")),
+        source=str(payload.get("source", "")),
+        chunk_index=int(payload.get("chunk_index", 0)),
+        excerpt=flat[:200] + ("…" if len(flat) > 200 else ""),
+        text=text,
+        conversation_id=str(payload.get("conversation_id", "")),
+        start_role=str(payload.get("start_role", "")),
+        message_count=int(payload.get("message_count", 0)),
+        git_branch=str(payload.get("git_branch", "")),
+        is_sidechain=bool(payload.get("is_sidechain", False)),
+        tools_used=[str(t) for t in payload.get("tools_used") or []],
+        files=[str(f) for f in payload.get("files") or []],
+    )
+
+
+@dataclass
+class ConversationMessage:
+    role: str
+    timestamp: str
+    text: str
+    #: One of the messages the hit's chunk covers.
+    in_hit: bool
+
+
+def messages_around(settings: Settings, session_file: str, chunk_index: int, around: int) -> list[ConversationMessage]:
+    """The text messages of ``session_file`` (relative to ``--source``) covered by chunk ``chunk_index``, and
+    ``around`` messages before and after it.
+
+    The chunk is found again by chunking the file the way the import did, with the same settings
+    (``--chunk-messages``, ``--max-chunk-chars``): chunking is deterministic, and the payload does not
+    record which messages a chunk covers.
+    """
+    path = session_path(settings, session_file)
+    with path.open("rb") as fh:
+        report = ParseReport()
+        texts = [
+            m
+            for m in read_messages(fh, 0, report, max_line_bytes=settings.max_line_bytes, consume_partial_tail=True)
+            if m.text
+        ]
+    chunker = Chunker(first_index=0, start=0, max_messages=settings.chunk_messages, max_chars=chunk_chars(settings))
+    chunks = [*chunker.feed(texts), *([chunker.tail] if chunker.tail else [])]
+    chunk = next((c for c in chunks if c.index == chunk_index), None)
+    if chunk is None:
+        raise LookupError(f"{session_file} has {len(chunks)} chunks, no chunk {chunk_index}")
+    first = next(i for i, m in enumerate(texts) if m.start >= chunk.start)
+    last = first + chunk.message_count - 1
+    return [
+        ConversationMessage(m.role, m.timestamp, m.text, in_hit=first <= i <= last)
+        for i, m in enumerate(texts)
+        if first - around <= i <= last + around
+    ]
+
+
+def session_path(settings: Settings, session_file: str) -> Path:
+    """The file under the source root; never a path outside it (the name comes from a client)."""
+    if settings.source is None:
+        raise SettingsError("reading a conversation needs --source (IMPORTER_SOURCE): the tree that was imported")
+    root = settings.source.resolve()
+    path = (root / session_file).resolve()
+    if not path.is_relative_to(root) or path.suffix != ".jsonl" or not path.is_file():
+        raise LookupError(f"{session_file}: no session file of that name under {root}")
+    return path
+
+
+def chunk_chars(settings: Settings) -> int:
+    """The characters per chunk the import used: the setting, else what the provider's model reads."""
+    if settings.max_chunk_chars:
+        return settings.max_chunk_chars
+    if settings.provider == "voyage":
+        from importer.embed.voyage import VoyageEmbedder
+
+        return VoyageEmbedder.max_chars
+    from importer.embed.local import LOCAL_MAX_CHARS
+
+    return LOCAL_MAX_CHARS
