@@ -194,7 +194,7 @@ class LocalCluster:
         real_node = self.state_file.exists() and bool(self._state().get("real_node"))
         if real_node:
             self._stop_real_node_pods(records)
-        node_parts = ("kubelet", "kube-proxy", "containerd")
+        node_parts = ("kubelet", "kube-proxy", "containerd", "dnsmasq", "provisioner")
         _stop_processes([r for r in records if r.name == "kubelet"] + self._pod_records())
         _stop_processes([r for r in records if r.name in node_parts])
         _stop_processes([r for r in records if r.name not in node_parts])
@@ -210,6 +210,8 @@ class LocalCluster:
 
         Without a running API server and kubelet, containerd's tasks are killed directly.
         """
+        # Without the controllers no ReplicaSet or Job replaces the Pods deleted here.
+        _stop_processes([r for r in records if r.name in ("kube-controller-manager", "kube-scheduler")])
         alive = {r.name for r in records if r.alive()}
         if {"kube-apiserver", "kubelet", "containerd"} <= alive and self._apiserver_ready():
             self.kubectl_run("delete", "pods", "--all", "--all-namespaces", "--grace-period=5", "--wait=false")
@@ -359,6 +361,7 @@ class LocalCluster:
         self.node.wait_containerd(deadline)
         self.node.kill_all_containers()  # a crashed node's leftovers (containerd's root is shared, see node.py)
         self.node.load_images(built)
+        self._spawn("dnsmasq", node.dns_command(self.workdir))
         self._spawn("kube-proxy", self.node.kube_proxy_command(kubeconfigs["kube-proxy"], NODE_NAME, node_ports))
         command = self.node.kubelet_command(kubeconfigs["kubelet"], keys.ca_cert, NODE_NAME, node_ports)
         self._spawn("kubelet", command)

@@ -9,10 +9,14 @@ module changes is made here and undone by :meth:`RealNode.teardown`:
 * kube-proxy's iptables chains (removed with ``kube-proxy --cleanup``);
 * containerd's sandboxes' network namespaces (removed by stopping every Pod through kubelet first).
 
-Pods get routes to their own subnet and the Service range only, no default route, and IP forwarding stays as
-it was (off on these machines): a Pod reaches this machine (the API server through the ``kubernetes``
-Service) and other Pods, never another host. Services are found through the environment variables kubelet
-sets (``KUBERNETES_SERVICE_HOST`` and the like); there is no cluster DNS.
+Pods get routes to their own subnet and the Service range only, no default route, and an iptables rule drops
+whatever they send out of any other interface: a Pod reaches this machine (the API server through the
+``kubernetes`` Service) and other Pods, never another host.
+
+Names: kubelet points the Pods' resolv.conf at a dnsmasq on the node's address, which answers for the
+``kubernetes`` Service only (``kubernetes.default.svc[.cluster.local]``, what kopf's in-cluster login dials)
+and for nothing outside the cluster; other Services are found through the environment variables kubelet sets
+(``<NAME>_SERVICE_HOST``).
 
 One node per machine: the bridge, the iptables chains and the containerd socket are host-wide, so a lock
 file under the cache folder keeps a second one from starting.
@@ -35,7 +39,15 @@ from localcluster import build, images
 
 log = logging.getLogger(__name__)
 
-NODE_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "conntrack", "catatonit")
+NODE_PACKAGES = (
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
+    "conntrack",
+    "catatonit",
+    "dnsmasq-base",
+)
 BRIDGE = "ro-cni0"
 NODE_IP = "10.244.0.1"
 POD_CIDR = "10.244.0.0/24"
@@ -56,6 +68,8 @@ TOUCHED_SYSCTLS = (
     "net/bridge/bridge-nf-call-iptables",
 )
 #: With forwarding on, a Pod's packets could still leave through another interface: this rule drops them.
+NETNS_DIR = Path("/var/run/netns")
+IPTABLES_TABLES = ("filter", "nat", "mangle")
 ISOLATION_RULE = ("FORWARD", "-s", POD_CIDR, "!", "-o", BRIDGE, "-m", "comment", "--comment", "reflection-node")
 
 
@@ -162,7 +176,9 @@ state = "{workdir / "containerd" / "state"}"
 [{cri}]
   sandbox_image = "{PAUSE_IMAGE}"
   enable_selinux = false
-  restrict_oom_score_adj = false
+  # This machine refuses to lower a process's oom_score_adj (kubelet asks -998 for sandboxes): clamp the
+  # value at containerd's own instead of failing every sandbox with "Permission denied".
+  restrict_oom_score_adj = true
 [{cri}.containerd]
   snapshotter = "overlayfs"
   default_runtime_name = "runc"
@@ -180,6 +196,37 @@ state = "{workdir / "containerd" / "state"}"
 
 def socket_path(workdir: Path) -> Path:
     return workdir / "containerd" / "containerd.sock"
+
+
+#: The names of the `kubernetes` Service (its ClusterIP is the first of the Service range).
+KUBERNETES_SERVICE_NAMES = (
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+)
+KUBERNETES_SERVICE_IP = "10.0.0.1"
+
+
+def dns_command(workdir: Path) -> list[str]:
+    """dnsmasq on the node's address: the `kubernetes` Service's names, NXDOMAIN for the rest of the cluster."""
+    hosts = workdir / "dns" / "hosts"
+    hosts.parent.mkdir(parents=True, exist_ok=True)
+    hosts.write_text(f"{KUBERNETES_SERVICE_IP} {' '.join(KUBERNETES_SERVICE_NAMES)}\n")
+    hosts.chmod(0o644)
+    return [
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",  # not the machine's /etc/dnsmasq.conf
+        "--no-resolv",  # nothing is forwarded: Pods need no outside names
+        "--no-hosts",
+        f"--addn-hosts={hosts}",
+        f"--listen-address={NODE_IP}",
+        "--bind-interfaces",  # only the bridge's address, whatever else listens on port 53 here
+        "--local=/cluster.local/",
+        f"--pid-file={workdir / 'dns' / 'dnsmasq.pid'}",
+        "--log-facility=-",
+    ]
 
 
 def kubelet_config(workdir: Path, ca_cert: Path, ports: NodePorts) -> dict[str, object]:
@@ -218,6 +265,7 @@ def kubelet_config(workdir: Path, ca_cert: Path, ports: NodePorts) -> dict[str, 
         "makeIPTablesUtilChains": True,
         "serializeImagePulls": False,
         "clusterDomain": "cluster.local",
+        "clusterDNS": [NODE_IP],  # the dnsmasq of dns_command()
         "resolvConf": "/etc/resolv.conf",
         "staticPodPath": "",
         "volumePluginDir": str(workdir / "kubelet-root" / "plugins-exec"),
@@ -240,6 +288,11 @@ class RealNode:
         return socket_path(self.workdir)
 
     @property
+    def netns_record(self) -> Path:
+        """The network namespaces that existed before the node (the ones it leaves behind are its own)."""
+        return self.workdir / "host-netns.json"
+
+    @property
     def sysctl_record(self) -> Path:
         return self.workdir / "host-sysctls.json"
 
@@ -249,6 +302,8 @@ class RealNode:
         build.ensure_built(build.NODE_BINARIES)
         built = images.build_images()
         save_sysctls(self.sysctl_record)
+        if not self.netns_record.exists():
+            self.netns_record.write_text(json.dumps(_netns_names()))
         ensure_network()
         for sub in ("containerd", "cni/net.d", "kubelet-root", "kube-proxy"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
@@ -355,23 +410,55 @@ class RealNode:
         ]
 
     def teardown(self) -> None:
-        """Undo the host-level changes: kube-proxy's iptables chains, the bridge, leftover sandbox mounts."""
+        """Undo the host-level changes: iptables chains, the bridge, kernel settings, leftover mounts."""
         proxy = self.bin_dir / "kube-proxy"
         if proxy.exists():
             _run(str(proxy), "--cleanup", "--proxy-mode=iptables", check=False)
+        _remove_kube_chains()  # kubelet's own (KUBE-FIREWALL, KUBE-MARK-*, canaries): no --cleanup for those
         remove_network()
         restore_sysctls(self.sysctl_record)
+        self._remove_leftover_netns()
         state = self.workdir / "containerd" / "state"
         if state.exists():
             _unmount_below(state)
             shutil.rmtree(state, ignore_errors=True)
         _unmount_below(self.workdir / "kubelet-root")
 
+    def _remove_leftover_netns(self) -> None:
+        """Sandboxes' namespaces containerd could not remove (it was stopped before kubelet tore them down)."""
+        if not self.netns_record.exists():
+            return
+        before = set(json.loads(self.netns_record.read_text()))
+        for name in set(_netns_names()) - before:
+            if name.startswith("cni-"):
+                _run("umount", str(NETNS_DIR / name), check=False)
+                (NETNS_DIR / name).unlink(missing_ok=True)
+        self.netns_record.unlink()
+
+
+def _netns_names() -> list[str]:
+    return sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []
+
+
+def _remove_kube_chains() -> None:
+    """Delete the rules that jump to KUBE-* chains, then the chains (kubelet and kube-proxy made them)."""
+    for table in IPTABLES_TABLES:
+        rules = _run("iptables", "-t", table, "-S", check=False).stdout.splitlines()
+        for rule in rules:
+            parts = rule.split()
+            if parts[:1] == ["-A"] and not parts[1].startswith("KUBE-") and "KUBE-" in rule.split(" -j ")[-1]:
+                _run("iptables", "-t", table, "-D", *parts[1:], check=False)
+        chains = [r.split()[1] for r in rules if r.startswith("-N KUBE-")]
+        for chain in chains:
+            _run("iptables", "-t", table, "-F", chain, check=False)
+        for chain in chains:
+            _run("iptables", "-t", table, "-X", chain, check=False)
+
 
 def _unmount_below(path: Path) -> None:
     """Unmount whatever is still mounted below ``path`` (deepest first), e.g. after containerd was killed."""
-    prefix = str(path.resolve()) + os.sep
+    root = str(path.resolve())
     with open("/proc/self/mounts") as mounts:
-        targets = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+        targets = [t for line in mounts if (t := line.split()[1]) == root or t.startswith(root + os.sep)]
     for target in sorted(targets, key=len, reverse=True):
         _run("umount", "-l", target, check=False)
