@@ -79,6 +79,15 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: get SIGTERM when the parent (a test session) dies, even by SIGKILL."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -167,7 +176,7 @@ class LocalCluster:
         built = self.node.prepare() if self.real_node else []  # builds (cached) before the clock starts
         keys = pki.create_pki(self.workdir / "pki")
         names = PORT_NAMES + NODE_PORT_NAMES
-        ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        ports = self._previous_ports(names) or dict(zip(names, _free_ports(len(names)), strict=True))
         # With a real node the API server listens on the node's bridge address: Pods reach it there through
         # the `kubernetes` Service, and so does everything on this machine (nothing else can).
         host = node.NODE_IP if self.real_node else "127.0.0.1"
@@ -187,6 +196,16 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _previous_ports(self, names: tuple[str, ...]) -> dict[str, int] | None:
+        """The ports of this workdir's last start, if all are free: etcd keeps the `kubernetes` Service's
+        endpoint (address and port), and the API server does not correct the port of a still-valid lease."""
+        if not self.state_file.exists():
+            return None
+        ports = self._state().get("ports", {})
+        if set(ports) != set(names) or not all(_port_free(port) for port in ports.values()):
+            return None
+        return {name: int(port) for name, port in ports.items()}
 
     def stop(self) -> None:
         """Stop the kubelet and the Pods' processes first (while the API server is up), then the rest."""
