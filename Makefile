@@ -38,10 +38,10 @@ bench:  ## run the benchmarks (prints numbers; retrieval needs ../shared/corpus/
 	$(PY) bench/memory_bench.py
 	$(PY) bench/retrieval_bench.py
 
-cluster:  ## start the local Kubernetes control plane and print the KUBECONFIG to export
+cluster:  ## start the control plane and a real node (kubelet, containerd; images built) and print the KUBECONFIG
 	$(PY) -m localcluster up
 
-cluster-down:  ## stop the local control plane
+cluster-down:  ## stop the node and the control plane, undo the node's host changes
 	$(PY) -m localcluster down
 
 manifests:  ## re-render manifests/ from the Helm chart

@@ -34,6 +34,9 @@ DEBIAN_VERSION = "1.20.5+really1.20.2-1.1+deb12u1"
 ORIG_TARBALL = "kubernetes_1.20.5+really1.20.2.orig.tar.gz"
 ORIG_SHA256 = "b83c0780efb182d928dc63d46488a847f161f04e40a94b96bf5247dd671ecdfc"
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+# The node's binaries, from the same source, in a cache folder of their own so a node build never touches
+# the control plane's (other sessions run from it while this one builds).
+NODE_BINARIES = ("kubelet", "kube-proxy")
 BUILD_PACKAGES = ("golang-1.19-go", "rsync", "jq", "make", "golang-github-modern-go-reflect2-dev")
 RUNTIME_PACKAGES = ("etcd-server", "openssl")
 GO_BIN = Path("/usr/lib/go-1.19/bin")
@@ -44,36 +47,38 @@ DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 MARKER_NAME = "BUILD-COMPLETE.json"
 
 
-def cache_dir() -> Path:
+def cache_dir(binaries: tuple[str, ...] = BINARIES) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "reflection-operator" / f"k8s-{K8S_VERSION}"
+    suffix = "-node" if binaries == NODE_BINARIES else ""
+    return base / "reflection-operator" / f"k8s-{K8S_VERSION}{suffix}"
 
 
-def bin_dir() -> Path:
-    return cache_dir() / "bin"
+def bin_dir(binaries: tuple[str, ...] = BINARIES) -> Path:
+    return cache_dir(binaries) / "bin"
 
 
-def is_built() -> bool:
+def is_built(binaries: tuple[str, ...] = BINARIES) -> bool:
     """True only when the marker exists and every binary it lists is present and executable."""
-    marker = cache_dir() / MARKER_NAME
+    marker = cache_dir(binaries) / MARKER_NAME
     if not marker.is_file():
         return False
     try:
         listed = json.loads(marker.read_text())["binaries"]
     except (ValueError, KeyError):
         return False
-    return all(os.access(bin_dir() / name, os.X_OK) for name in listed) and set(listed) >= set(BINARIES)
+    present = all(os.access(bin_dir(binaries) / name, os.X_OK) for name in listed)
+    return present and set(listed) >= set(binaries)
 
 
-def ensure_built() -> Path:
-    """Return the directory holding the four binaries, building them first if the cache has none."""
-    if is_built():
-        return bin_dir()
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(cache_dir() / "build.lock"):
-        if not is_built():  # another process may have finished while we waited for the lock
-            _build()
-    return bin_dir()
+def ensure_built(binaries: tuple[str, ...] = BINARIES) -> Path:
+    """Return the directory holding ``binaries``, building them first if the cache has none."""
+    if is_built(binaries):
+        return bin_dir(binaries)
+    cache_dir(binaries).mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(cache_dir(binaries) / "build.lock"):
+        if not is_built(binaries):  # another process may have finished while we waited for the lock
+            _build(binaries)
+    return bin_dir(binaries)
 
 
 @contextmanager
@@ -167,7 +172,7 @@ def _patch_reflect2(tree: Path) -> None:
         shutil.copy2(new, target / new.name)
 
 
-def _compile(tree: Path) -> Path:
+def _compile(tree: Path, binaries: tuple[str, ...]) -> Path:
     env = {
         **os.environ,
         "PATH": f"{GO_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -175,51 +180,51 @@ def _compile(tree: Path) -> Path:
         "GOCACHE": str(tree.parent / "gocache"),
     }
     env.pop("GOPATH", None)
-    what = " ".join(f"cmd/{name}" for name in BINARIES)
+    what = " ".join(f"cmd/{name}" for name in binaries)
     _run(["make", f"WHAT={what}"], cwd=tree, env=env)
-    found = {p.name: p for p in (tree / "_output").rglob("*") if p.name in BINARIES and p.is_file()}
-    missing = set(BINARIES) - set(found)
+    found = {p.name: p for p in (tree / "_output").rglob("*") if p.name in binaries and p.is_file()}
+    missing = set(binaries) - set(found)
     if missing:
         raise RuntimeError(f"build finished without {sorted(missing)}")
-    return found[BINARIES[0]].parent
+    return found[binaries[0]].parent
 
 
-def _install(out: Path) -> None:
+def _install(out: Path, binaries: tuple[str, ...]) -> None:
     """Move the binaries into place, then write the marker (last, so a half-finished build never counts)."""
-    staging = cache_dir() / "bin.partial"
+    staging = cache_dir(binaries) / "bin.partial"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    for name in BINARIES:
+    for name in binaries:
         shutil.copy2(out / name, staging / name)
         (staging / name).chmod(0o755)
-    if bin_dir().exists():
-        shutil.rmtree(bin_dir())
-    staging.rename(bin_dir())
+    if bin_dir(binaries).exists():
+        shutil.rmtree(bin_dir(binaries))
+    staging.rename(bin_dir(binaries))
     marker = {
         "version": K8S_VERSION,
         "debian": DEBIAN_VERSION,
-        "binaries": list(BINARIES),
+        "binaries": list(binaries),
         "built": time.time(),
     }
-    tmp = cache_dir() / (MARKER_NAME + ".tmp")
+    tmp = cache_dir(binaries) / (MARKER_NAME + ".tmp")
     tmp.write_text(json.dumps(marker, indent=2))
-    tmp.rename(cache_dir() / MARKER_NAME)
+    tmp.rename(cache_dir(binaries) / MARKER_NAME)
 
 
-def _build() -> None:
-    (cache_dir() / MARKER_NAME).unlink(missing_ok=True)
-    workdir = cache_dir() / "work"
+def _build(binaries: tuple[str, ...]) -> None:
+    (cache_dir(binaries) / MARKER_NAME).unlink(missing_ok=True)
+    workdir = cache_dir(binaries) / "work"
     workdir.mkdir(exist_ok=True)
     started = time.monotonic()
     ensure_packages(BUILD_PACKAGES)
     tarball = _download_source(workdir)
     tree = _unpack(tarball, workdir)
     _patch_reflect2(tree)
-    out = _compile(tree)
-    _install(out)
+    out = _compile(tree, binaries)
+    _install(out, binaries)
     shutil.rmtree(workdir)  # the source tree and Go cache are several GiB; only the binaries are kept
-    log.info("built %s in %.0f s into %s", ", ".join(BINARIES), time.monotonic() - started, bin_dir())
+    log.info("built %s in %.0f s into %s", ", ".join(binaries), time.monotonic() - started, bin_dir(binaries))
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from localcluster import build, pki
+from localcluster import build, node, pki
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ FEATURE_GATES = "TTLAfterFinished=true"
 SERVICE_CIDR = "10.0.0.0/24"
 STOP_GRACE_SECONDS = 15.0
 PORT_NAMES = ("etcd_client", "etcd_peer", "apiserver", "controller_manager", "scheduler")
+NODE_PORT_NAMES = ("kubelet", "kubelet_healthz", "proxy_healthz", "proxy_metrics")
+NODE_STOP_SECONDS = 90.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -77,6 +79,15 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: get SIGTERM when the parent (a test session) dies, even by SIGKILL."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -95,9 +106,12 @@ def helm_binary() -> Path:
 class LocalCluster:
     """One control plane under ``workdir``. Attributes match the ``kube_cluster`` fixture's promise."""
 
-    def __init__(self, workdir: Path, die_with_parent: bool = False) -> None:
+    def __init__(self, workdir: Path, die_with_parent: bool = False, real_node: bool = False) -> None:
         self.workdir = workdir.resolve()
         self.die_with_parent = die_with_parent
+        #: A real node (containerd, runc, kubelet, kube-proxy: localcluster.node) instead of the test kubelet.
+        self.real_node = real_node
+        self.node = node.RealNode(self.workdir)
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self.bin_dir = build.bin_dir()
         self.kubectl = self.bin_dir / "kubectl"
@@ -159,31 +173,72 @@ class LocalCluster:
         build.ensure_built()
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
+        built = self.node.prepare() if self.real_node else []  # builds (cached) before the clock starts
         keys = pki.create_pki(self.workdir / "pki")
-        ports = dict(zip(PORT_NAMES, _free_ports(len(PORT_NAMES)), strict=True))
-        server = f"https://127.0.0.1:{ports['apiserver']}"
-        self._save_state({"server": server, "ports": ports, "processes": []})
+        names = PORT_NAMES + NODE_PORT_NAMES
+        ports = self._previous_ports(names) or dict(zip(names, _free_ports(len(names)), strict=True))
+        # With a real node the API server listens on the node's bridge address: Pods reach it there through
+        # the `kubernetes` Service, and so does everything on this machine (nothing else can).
+        host = node.NODE_IP if self.real_node else "127.0.0.1"
+        server = f"https://{host}:{ports['apiserver']}"
+        self._save_state({"server": server, "ports": ports, "processes": [], "real_node": self.real_node})
         kubeconfigs = self._write_kubeconfigs(keys, server)
         deadline = time.monotonic() + timeout
         try:
             self._start_etcd(ports, deadline)
             self._start_apiserver(keys, ports, deadline)
             self._start_controllers(keys, ports, kubeconfigs)
-            self._start_kubelet(kubeconfigs["kubelet"])
+            if self.real_node:
+                self._start_real_node(keys, ports, kubeconfigs, built, deadline)
+            else:
+                self._start_kubelet(kubeconfigs["kubelet"])
             self._wait_usable(ports, deadline)
         except BaseException:
             self.stop()
             raise
 
+    def _previous_ports(self, names: tuple[str, ...]) -> dict[str, int] | None:
+        """The ports of this workdir's last start, if all are free: etcd keeps the `kubernetes` Service's
+        endpoint (address and port), and the API server does not correct the port of a still-valid lease."""
+        if not self.state_file.exists():
+            return None
+        ports = self._state().get("ports", {})
+        if set(ports) != set(names) or not all(_port_free(port) for port in ports.values()):
+            return None
+        return {name: int(port) for name, port in ports.items()}
+
     def stop(self) -> None:
         """Stop the kubelet and the Pods' processes first (while the API server is up), then the rest."""
         records = self._records()
+        real_node = self.state_file.exists() and bool(self._state().get("real_node"))
+        if real_node:
+            self._stop_real_node_pods(records)
+        node_parts = ("kubelet", "kube-proxy", "containerd", "dnsmasq", "provisioner")
         _stop_processes([r for r in records if r.name == "kubelet"] + self._pod_records())
-        _stop_processes([r for r in records if r.name != "kubelet"])
+        _stop_processes([r for r in records if r.name in node_parts])
+        _stop_processes([r for r in records if r.name not in node_parts])
+        if real_node:
+            self.node.teardown()
         if self.state_file.exists():
             state = self._state()
             state["processes"] = []
             self._save_state(state)
+
+    def _stop_real_node_pods(self, records: list[ProcessRecord]) -> None:
+        """Delete every Pod through the API and let kubelet stop them (it tears their networks down too).
+
+        Without a running API server and kubelet, containerd's tasks are killed directly.
+        """
+        # Without the controllers no ReplicaSet or Job replaces the Pods deleted here.
+        _stop_processes([r for r in records if r.name in ("kube-controller-manager", "kube-scheduler")])
+        alive = {r.name for r in records if r.alive()}
+        if {"kube-apiserver", "kubelet", "containerd"} <= alive and self._apiserver_ready():
+            self.kubectl_run("delete", "pods", "--all", "--all-namespaces", "--grace-period=5", "--wait=false")
+            deadline = time.monotonic() + NODE_STOP_SECONDS
+            while self.node.running_containers() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        if "containerd" in alive:
+            self.node.kill_all_containers()
 
     # -- the components -----------------------------------------------------------------------------------
 
@@ -214,11 +269,12 @@ class LocalCluster:
         self._wait("etcd", lambda: b'"health":"true"' in _http_get(f"{client}/health"), deadline)
 
     def _start_apiserver(self, keys: pki.Pki, ports: dict[str, int], deadline: float) -> None:
+        host = node.NODE_IP if self.real_node else "127.0.0.1"
         args = [
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{ports['etcd_client']}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={host}",
+            f"--advertise-address={host}",
             f"--secure-port={ports['apiserver']}",
             "--insecure-port=0",
             f"--tls-cert-file={keys.serving_cert}",
@@ -237,9 +293,7 @@ class LocalCluster:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--authorization-mode=RBAC",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            # The endpoint reconciler would publish 127.0.0.1 as the `kubernetes` Service's endpoint, which
-            # validation rejects (loopback); nothing in-cluster dials that Service here anyway.
-            "--endpoint-reconciler-type=none",
+            *(self._real_node_apiserver_flags(keys) if self.real_node else self._test_kubelet_apiserver_flags()),
             "--allow-privileged=true",
             f"--feature-gates={FEATURE_GATES}",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
@@ -248,6 +302,22 @@ class LocalCluster:
         ]
         self._spawn("kube-apiserver", args)
         self._wait("kube-apiserver", self._apiserver_ready, deadline)
+
+    @staticmethod
+    def _test_kubelet_apiserver_flags() -> list[str]:
+        # The endpoint reconciler would publish 127.0.0.1 as the `kubernetes` Service's endpoint, which
+        # validation rejects (loopback); nothing in-cluster dials that Service with the test kubelet.
+        return ["--endpoint-reconciler-type=none"]
+
+    @staticmethod
+    def _real_node_apiserver_flags(keys: pki.Pki) -> list[str]:
+        return [
+            # `kubectl logs` goes through the API server to kubelet, which authenticates it by this certificate
+            f"--kubelet-client-certificate={keys.kubelet_client_cert}",
+            f"--kubelet-client-key={keys.kubelet_client_key}",
+            # The node's name does not resolve; its InternalIP (the bridge address) does not need to.
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
 
     def _start_controllers(self, keys: pki.Pki, ports: dict[str, int], kubeconfigs: dict[str, Path]) -> None:
         for name, port, config, extra in (
@@ -296,6 +366,32 @@ class LocalCluster:
         ]
         (self.workdir / "kubelet" / "ready").unlink(missing_ok=True)
         self._spawn("kubelet", args, env={"PYTHONPATH": str(REPO_ROOT)})
+
+    def _start_real_node(
+        self,
+        keys: pki.Pki,
+        ports: dict[str, int],
+        kubeconfigs: dict[str, Path],
+        built: list[Any],
+        deadline: float,
+    ) -> None:
+        node_ports = node.NodePorts(**{name: ports[name] for name in NODE_PORT_NAMES})
+        self._spawn("containerd", self.node.containerd_command())
+        self.node.wait_containerd(deadline)
+        self.node.kill_all_containers()  # a crashed node's leftovers (containerd's root is shared, see node.py)
+        self.node.load_images(built)
+        self._spawn("dnsmasq", node.dns_command(self.workdir))
+        self._spawn("kube-proxy", self.node.kube_proxy_command(kubeconfigs["kube-proxy"], NODE_NAME, node_ports))
+        command = self.node.kubelet_command(kubeconfigs["kubelet"], keys.ca_cert, NODE_NAME, node_ports)
+        self._spawn("kubelet", command)
+        provisioner = ["-m", "localcluster.provisioner", "--kubeconfig", str(self.kubeconfig)]
+        provisioner += ["--pvc-root", str(self.workdir / "pvc")]
+        self._spawn("provisioner", [self._python(), *provisioner], env={"PYTHONPATH": str(REPO_ROOT)})
+
+    @staticmethod
+    def _python() -> str:
+        python = REPO_ROOT / ".venv" / "bin" / "python"
+        return str(python if python.exists() else Path(sys.executable))
 
     def _wait_usable(self, ports: dict[str, int], deadline: float) -> None:
         """Ready: the controllers answer, the Node is Ready, the default ServiceAccount has its token."""

@@ -14,6 +14,7 @@ DAYS = "3650"
 SERVING_NAMES = (
     "IP:127.0.0.1",
     "IP:10.0.0.1",
+    "IP:10.244.0.1",  # the real node's bridge, where the API server listens when a real node runs
     "DNS:localhost",
     "DNS:kubernetes",
     "DNS:kubernetes.default",
@@ -27,6 +28,8 @@ IDENTITIES = {
     "controller-manager": ("system:kube-controller-manager", ""),
     "scheduler": ("system:kube-scheduler", ""),
     "kubelet": ("localcluster-test-kubelet", "system:masters"),
+    # The bootstrap ClusterRoleBinding system:node-proxier gives this user what kube-proxy needs.
+    "kube-proxy": ("system:kube-proxy", ""),
 }
 
 
@@ -57,6 +60,15 @@ class Pki:
     @property
     def sa_pub(self) -> Path:
         return self.dir / "sa.pub"
+
+    @property
+    def kubelet_client_cert(self) -> Path:
+        """The API server's client certificate towards kubelets (logs, exec), in group system:masters."""
+        return self.dir / "apiserver-kubelet-client.crt"
+
+    @property
+    def kubelet_client_key(self) -> Path:
+        return self.dir / "apiserver-kubelet-client.key"
 
     @property
     def tokens_csv(self) -> Path:
@@ -99,6 +111,14 @@ def create_pki(directory: Path) -> Pki:
         )
     if not pki.serving_cert.exists():
         _create_serving_cert(pki)
+    if not pki.kubelet_client_cert.exists():
+        _sign(
+            pki,
+            "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+            pki.kubelet_client_key,
+            pki.kubelet_client_cert,
+        )
     if not pki.sa_pub.exists():
         _openssl("genrsa", "-out", str(pki.sa_key), "2048")
         _openssl("rsa", "-in", str(pki.sa_key), "-pubout", "-out", str(pki.sa_pub))
@@ -115,25 +135,19 @@ def _token_line(user: str, groups: str) -> str:
 
 
 def _create_serving_cert(pki: Pki) -> None:
-    csr = pki.dir / "apiserver.csr"
-    extensions = pki.dir / "apiserver.ext"
-    extensions.write_text(
+    extensions = (
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
         f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(SERVING_NAMES)}\n"
     )
-    _openssl(
-        "req",
-        "-new",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=kube-apiserver",
-        "-keyout",
-        str(pki.serving_key),
-        "-out",
-        str(csr),
-    )
+    _sign(pki, "/CN=kube-apiserver", extensions, pki.serving_key, pki.serving_cert)
+
+
+def _sign(pki: Pki, subject: str, extensions: str, key: Path, cert: Path) -> None:
+    """A new key and a certificate for ``subject`` signed by the CA, with the given X.509 extensions."""
+    csr = cert.with_suffix(".csr")
+    ext_file = cert.with_suffix(".ext")
+    ext_file.write_text(extensions)
+    _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", str(key), "-out", str(csr))
     _openssl(
         "x509",
         "-req",
@@ -147,9 +161,9 @@ def _create_serving_cert(pki: Pki) -> None:
         "-days",
         DAYS,
         "-extfile",
-        str(extensions),
+        str(ext_file),
         "-out",
-        str(pki.serving_cert),
+        str(cert),
     )
     csr.unlink()
 

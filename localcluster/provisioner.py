@@ -1,5 +1,9 @@
 """A folder provisioner: gives each pending PersistentVolumeClaim a hostPath PersistentVolume.
 
+With a real node it runs on its own (``python -m localcluster.provisioner``); its folders are then open to
+every user (mode 0777, as local-path-provisioner makes them), since hostPath volumes ignore fsGroup and the
+importer runs as UID 65532.
+
 The scheduler will not place a Pod whose claim is unbound, and this cluster has no storage driver, so the
 test kubelet also plays the external provisioner of the default StorageClass ``local-folder``: the volume of
 claim ``<namespace>/<claim>`` is the folder ``<workdir>/pvc/<namespace>/<claim>`` (the same folder the
@@ -8,7 +12,11 @@ kubelet mounts for it). Released volumes are deleted; their folders are kept (te
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -83,11 +91,12 @@ def volume_for(claim: JsonDict, folder: Path) -> JsonDict:
 
 
 class FolderProvisioner(threading.Thread):
-    def __init__(self, rest: Rest, pvc_root: Path, stopping: threading.Event) -> None:
+    def __init__(self, rest: Rest, pvc_root: Path, stopping: threading.Event, mode: int | None = None) -> None:
         super().__init__(name="folder-provisioner", daemon=True)
         self.rest = rest
         self.pvc_root = pvc_root
         self.stopping = stopping
+        self.mode = mode
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -110,6 +119,9 @@ class FolderProvisioner(threading.Thread):
         meta = claim["metadata"]
         folder = self.pvc_root / meta["namespace"] / meta["name"]
         folder.mkdir(parents=True, exist_ok=True)
+        if self.mode is not None:
+            for part in (self.pvc_root, folder.parent, folder):
+                part.chmod(self.mode if part == folder else 0o755)
         try:
             self.rest.create("/api/v1/persistentvolumes", volume_for(claim, folder))
             log.info("provisioned %s for claim %s/%s", folder, meta["namespace"], meta["name"])
@@ -123,3 +135,27 @@ class FolderProvisioner(threading.Thread):
         except ApiException as error:
             if not is_status(error, 404):
                 raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Provision until SIGTERM: the real node's stand-in for a storage driver."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m localcluster.provisioner", description=main.__doc__)
+    parser.add_argument("--kubeconfig", type=Path, required=True)
+    parser.add_argument("--pvc-root", type=Path, required=True)
+    args = parser.parse_args(argv)
+    rest = Rest(args.kubeconfig)
+    ensure_storage_class(rest)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    provisioner = FolderProvisioner(rest, args.pvc_root, stopping, mode=0o777)
+    provisioner.start()
+    log.info("provisioning claims into %s (pid %d)", args.pvc_root, os.getpid())
+    stopping.wait()
+    provisioner.join(POLL_SECONDS + 5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,10 @@
 * ``namespace`` (function): a fresh namespace whose default ServiceAccount can already run Pods; deleted
   after the test.
 
+* ``real_cluster`` (session): a second control plane with a real node (containerd, runc, CNI, kube-proxy,
+  kubelet v1.20.2; the images built from the Dockerfile loaded), in a workdir under /tmp that UID 65532 (the
+  images' user) can traverse, since Pods mount its folders (claims, conversation trees) as hostPath volumes.
+
 Tests using any of them are marked ``cluster`` automatically.
 """
 
@@ -16,9 +20,12 @@ from __future__ import annotations
 import atexit
 import re
 import secrets
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 import pytest
@@ -27,7 +34,9 @@ from kubernetes.client.exceptions import ApiException
 
 from localcluster.cluster import LocalCluster
 
-CLUSTER_FIXTURES = {"kube_cluster", "kube_api", "namespace"}
+CLUSTER_FIXTURES = {"kube_cluster", "kube_api", "namespace", "real_cluster"}
+#: Building kubelet, kube-proxy and the images the first time happens before this clock starts.
+REAL_NODE_START_SECONDS = 300
 NAMESPACE_READY_SECONDS = 30
 
 
@@ -57,6 +66,26 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClus
         atexit.unregister(cluster.stop)
         if previous in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="session")
+def real_cluster() -> Iterator[LocalCluster]:
+    workdir = Path(tempfile.mkdtemp(prefix="reflection-node-"))
+    workdir.chmod(0o755)
+    cluster = LocalCluster(workdir, die_with_parent=True, real_node=True)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    atexit.register(cluster.stop)
+    try:
+        cluster.start(timeout=REAL_NODE_START_SECONDS)
+        yield cluster
+    finally:
+        cluster.stop()
+        atexit.unregister(cluster.stop)
+        if previous in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

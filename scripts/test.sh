@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run the whole test suite: sets up the project, builds the local Kubernetes control plane once
-# (about 10 minutes the first time, cached in ~/.cache/reflection-operator), then runs pytest.
+# Run the whole test suite: sets up the project, builds the local Kubernetes control plane, kubelet,
+# kube-proxy and the two images once (cached in ~/.cache/reflection-operator), then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,0 +1,298 @@
+"""End to end on a real node: kubelet v1.20.2, containerd, runc, CNI and kube-proxy, with the two images built
+from the project's Dockerfile (``real_cluster``).
+
+Nothing here runs as a local process of the test: the operator and the importer run in their containers, as
+UID 65532 on read-only root filesystems, reach the API server through the ``kubernetes`` Service with their
+mounted ServiceAccount tokens, and the kernel enforces their memory limits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "reflection-operator"
+MAKE_CORPUS = Path(os.environ.get("REFLECTION_SHARED", REPO.parent / "shared")) / "corpus" / "make_corpus.py"
+RELEASE = "ro"
+OPERATOR_PODS = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
+IMAGE_USER = 65532
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 180, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+class Cluster:
+    """kubectl and helm against the real node's cluster, in one namespace."""
+
+    def __init__(self, cluster: Any, namespace: str) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        result = self.cluster.kubectl_run("-n", self.namespace, *args, input=input, timeout=300)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
+        return str(result.stdout)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json"))
+
+    def apply(self, *objects: dict[str, Any]) -> None:
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
+
+    def helm(self, *args: str) -> str:
+        result = subprocess.run(
+            [str(self.cluster.helm), *args, "--namespace", self.namespace],
+            capture_output=True,
+            text=True,
+            env=self.cluster.helm_env(),
+            timeout=400,
+            check=False,
+        )
+        assert result.returncode == 0, f"helm {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def status(self, importrun: str) -> dict[str, Any]:
+        return dict(self.json("get", "importrun", importrun).get("status") or {})
+
+    def wait_phase(self, importrun: str, *phases: str, timeout: float = 400) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            status = self.status(importrun)
+            return status if status.get("phase") in phases else None
+
+        return dict(wait_for(f"ImportRun {importrun} in {phases}", reached, timeout))
+
+    def jobs(self, importrun: str) -> list[dict[str, Any]]:
+        return list(self.json("get", "jobs", "-l", f"reflection.dev/importrun={importrun}")["items"])
+
+    def pods(self, selector: str) -> list[dict[str, Any]]:
+        return list(self.json("get", "pods", "-l", selector)["items"])
+
+
+@pytest.fixture
+def ns(real_cluster: Any) -> Iterator[Cluster]:
+    name = f"e2e-{secrets.token_hex(3)}"
+    real_cluster.kubectl_run("create", "namespace", name, check=True)
+    wait_for(
+        "the default ServiceAccount's token",
+        lambda: "default-token" in real_cluster.kubectl_run("-n", name, "get", "secrets").stdout,
+        60,
+    )
+    yield Cluster(real_cluster, name)
+    for item in json.loads(real_cluster.kubectl_run("-n", name, "get", "importruns", "-o", "json").stdout or "{}").get(
+        "items", []
+    ):
+        real_cluster.kubectl_run(
+            "-n", name, "patch", "importrun", item["metadata"]["name"], "--type=merge",
+            "-p", '{"metadata":{"finalizers":null}}',
+        )  # fmt: skip
+    real_cluster.kubectl_run("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="session")
+def corpus(real_cluster: Any) -> tuple[Path, dict[str, Any]]:
+    """A generated conversation tree in the node's workdir (readable by UID 65532) and its manifest."""
+    out = real_cluster.workdir / "data" / "projects"
+    subprocess.run(
+        [sys.executable, str(MAKE_CORPUS), str(out), "--files", "6", "--profile", "small"],
+        check=True,
+        capture_output=True,
+    )
+    for folder in (out.parent, *[p for p in out.rglob("*") if p.is_dir()], out):
+        folder.chmod(0o755)
+    return out, json.loads((out / "MANIFEST.json").read_text())
+
+
+@pytest.fixture
+def installed(ns: Cluster) -> Iterator[Cluster]:
+    """The chart installed from the working tree with its default images (the ones built for the node)."""
+    ns.helm(
+        "install", RELEASE, str(CHART), "--set", "scope=namespace", "--wait", "--timeout", "300s",
+    )  # fmt: skip
+    yield ns
+    ns.helm("uninstall", RELEASE, "--wait", "--timeout", "120s")
+
+
+def embedded_importrun(name: str, source: Path, **spec: Any) -> list[dict[str, Any]]:
+    """An ImportRun over a hostPath tree into an embedded Qdrant on a claim of the folder provisioner."""
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": f"qdrant-{name}"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    body: dict[str, Any] = {
+        "source": {"volume": {"hostPath": {"path": str(source)}}},
+        "qdrant": {"path": "store", "volume": {"persistentVolumeClaim": {"claimName": f"qdrant-{name}"}}},
+        "resources": {"memory": "1Gi", "cpu": "1"},
+    }
+    body.update(spec)
+    run = {"apiVersion": "reflection.dev/v1alpha1", "kind": "ImportRun", "metadata": {"name": name}, "spec": body}
+    return [claim, run]
+
+
+def stored_messages(store: Path) -> tuple[int, int]:
+    """(messages, duplicated chunks) in an embedded Qdrant store, read after the importer closed it."""
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(path=str(store))
+    try:
+        messages, seen, duplicates = 0, set(), 0
+        for collection in client.get_collections().collections:
+            offset = None
+            while True:
+                points, offset = client.scroll(collection.name, limit=256, offset=offset, with_payload=True)
+                for point in points:
+                    payload = point.payload or {}
+                    key = (payload["conversation_id"], payload["chunk_index"])
+                    duplicates += key in seen
+                    seen.add(key)
+                    messages += int(payload["message_count"])
+                if offset is None:
+                    break
+        return messages, duplicates
+    finally:
+        client.close()
+
+
+def container_pid(real_cluster: Any, pod: dict[str, Any]) -> int:
+    """The host PID of the Pod's first container, as containerd reports it."""
+    container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    tasks = real_cluster.node.ctr("-n", "k8s.io", "tasks", "ls").stdout.splitlines()
+    row = next(line.split() for line in tasks if line.startswith(container_id))
+    return int(row[1])
+
+
+def test_helm_install_runs_the_operator_and_an_importrun_in_real_containers(
+    real_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
+) -> None:
+    ns = installed
+    (pod,) = ns.pods(OPERATOR_PODS)
+    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert ready["Ready"] == "True", pod["status"]
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "reflection-operator:0.1.0" and container["livenessProbe"]["httpGet"]
+    # What the kernel says about the operator's process: its user and its root filesystem.
+    pid = container_pid(real_cluster, pod)
+    uids = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
+    assert uids.split()[1:] == [str(IMAGE_USER)] * 4, uids
+    root_mount = next(
+        line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines() if line.split()[4] == "/"
+    )
+    assert "ro" in root_mount[5].split(","), root_mount
+
+    source, manifest = corpus
+    ns.apply(*embedded_importrun("logs", source))
+    status = ns.wait_phase("logs", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status
+    assert status["filesDone"] == status["filesTotal"] == len(manifest["entries"]), status
+    messages, duplicates = stored_messages(real_cluster.pvc_dir(ns.namespace, "qdrant-logs") / "store")
+    assert (messages, duplicates) == (manifest["text_messages"], 0)
+
+    (job,) = ns.jobs("logs")
+    importer_pods = ns.pods(f"job-name={job['metadata']['name']}")
+    assert importer_pods and importer_pods[0]["status"]["phase"] == "Succeeded"
+    # kubectl logs reaches the real kubelet: the importer's log records (JSON, one per line) and its summary.
+    # (The Job does not ask for the JSON summary, so that last line is the plain one.)
+    lines = [line for line in ns.kubectl("logs", importer_pods[0]["metadata"]["name"]).splitlines() if line]
+    files = len(manifest["entries"])
+    assert lines[-1].startswith(f"imported {files} files (0 unchanged, 0 failed)"), lines
+    assert all("levelname" in json.loads(line) for line in lines[:-1]), lines
+
+
+def test_deleting_an_importrun_mid_run_leaves_no_container(
+    real_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
+) -> None:
+    ns = installed
+    source, _ = corpus
+    ns.apply(*embedded_importrun("gone", source))
+
+    def running_importer() -> dict[str, Any] | None:
+        for pod in ns.pods("reflection.dev/importrun=gone"):
+            if "running" in (pod["status"].get("containerStatuses") or [{}])[0].get("state", {}):
+                return pod
+        return None
+
+    pod = wait_for("the importer container to run", running_importer, 300)
+    container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    assert container_id in real_cluster.node.running_containers()
+    ns.kubectl("delete", "importrun", "gone", "--timeout=120s")
+    wait_for("the importer Pod to go", lambda: not ns.pods("reflection.dev/importrun=gone"), 120)
+    wait_for(
+        "containerd to have no importer container",
+        lambda: container_id not in real_cluster.node.running_containers(),
+        60,
+    )
+    listed = real_cluster.node.ctr("-n", "k8s.io", "containers", "ls", "-q").stdout.split()
+    assert container_id not in listed
+
+
+def test_a_restarted_operator_adopts_the_running_job(
+    real_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
+) -> None:
+    ns = installed
+    source, manifest = corpus
+    ns.apply(*embedded_importrun("adopt", source))
+    wait_for("the importer Job", lambda: ns.jobs("adopt"), 120)
+    ns.kubectl("delete", "pod", "-l", OPERATOR_PODS, "--wait=true", "--timeout=120s")
+    status = ns.wait_phase("adopt", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status
+    assert len(ns.jobs("adopt")) == 1
+    messages, duplicates = stored_messages(real_cluster.pvc_dir(ns.namespace, "qdrant-adopt") / "store")
+    assert (messages, duplicates) == (manifest["text_messages"], 0)
+
+
+def test_an_importer_the_kernel_oom_kills_is_retried_with_more_memory(
+    real_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
+) -> None:
+    ns = installed
+    source, manifest = corpus
+    retry = {"factor": 4, "maxMemory": "1Gi", "maxAttempts": 3}
+    ns.apply(*embedded_importrun("oom", source, resources={"memory": "300Mi"}, memoryRetry=retry))
+    status = ns.wait_phase("oom", "Succeeded", "Failed", timeout=600)
+    assert status["phase"] == "Succeeded", status
+    assert status["lastFailure"]["reason"] == "OOMKilled", status["lastFailure"]
+    assert status["attempt"] >= 2 and status["memory"] == "1Gi"
+    messages, duplicates = stored_messages(real_cluster.pvc_dir(ns.namespace, "qdrant-oom") / "store")
+    assert (messages, duplicates) == (manifest["text_messages"], 0)
+
+
+def test_kubectl_apply_of_the_manifests_runs_the_operator(real_cluster: Any) -> None:
+    manifests = REPO / "manifests"
+    applied = real_cluster.kubectl_run("apply", "-f", str(manifests))
+    try:
+        assert applied.returncode == 0, applied.stderr
+        ns = Cluster(real_cluster, "reflection-system")
+        selector = "app.kubernetes.io/instance=reflection-operator,app.kubernetes.io/component=operator"
+
+        def ready_pod() -> dict[str, Any] | None:
+            pods = ns.pods(selector)
+            conditions = {c["type"]: c["status"] for c in (pods[0]["status"].get("conditions") or [])} if pods else {}
+            return pods[0] if conditions.get("Ready") == "True" else None
+
+        pod = wait_for("the operator Pod to be Ready", ready_pod, 300)
+        assert re.fullmatch(r"reflection-operator:\S+", pod["spec"]["containers"][0]["image"])
+        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
+    finally:
+        real_cluster.kubectl_run("delete", "-f", str(manifests / "02-operator.yaml"), "--wait=true", "--timeout=120s")
+        real_cluster.kubectl_run("delete", "-f", str(manifests / "00-namespace.yaml"), "--wait=false")
