@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".importer.lock"
 #: Shards kept open at once (least recently used closed first). Each open shard maps its write-ahead log
 #: (two 32 MiB files) and keeps search threads: ~18 MB of RSS per shard measured, mostly file-backed pages,
-#: so a user with fifty projects would otherwise pay ~900 MB. Imports write one project at a time.
+#: so a user with fifty projects would otherwise pay ~900 MB. Imports write one project at a time. A store
+#: opened for reading (search) keeps every shard it touches open instead: a search visits them all, and
+#: reopening a shard costs 100-300 ms, far more than the query.
 MAX_OPEN_SHARDS = 2
 _SHARD_CONFIG = "edge_config.json"  # written by Edge in every shard folder
 _SCHEMAS = {"keyword": edge.PayloadSchemaType.Keyword, "datetime": edge.PayloadSchemaType.Datetime}
@@ -88,8 +90,12 @@ class FolderLock:
 class EdgeStore:
     where = "embedded store"
 
-    def __init__(self, path: Path, *, suffix: str, lock: FolderLock, index_min_points: int = 0) -> None:
+    def __init__(
+        self, path: Path, *, suffix: str, lock: FolderLock, index_min_points: int = 0, max_open: int | None = None
+    ) -> None:
         self.path = path
+        #: Shards kept open at once (None: no limit).
+        self.max_open = max_open
         self.suffix = suffix
         #: finish() indexes a shard with at least this many unindexed points (0: never).
         self.index_min_points = index_min_points
@@ -113,7 +119,8 @@ class EdgeStore:
         except BaseException:
             lock.release()
             raise
-        return cls(path, suffix=suffix, lock=lock, index_min_points=index_min_points)
+        max_open = MAX_OPEN_SHARDS if for_writing else None
+        return cls(path, suffix=suffix, lock=lock, index_min_points=index_min_points, max_open=max_open)
 
     def collection_for(self, project: str) -> str:
         return collection_name(project, self.suffix)
@@ -178,7 +185,7 @@ class EdgeStore:
         if shard is not None:
             self._shards[collection] = shard  # now the most recently used
             return shard
-        while len(self._shards) >= MAX_OPEN_SHARDS:
+        while self.max_open is not None and len(self._shards) >= self.max_open:
             self._shards.pop(next(iter(self._shards))).close()
         folder = self.path / collection
         try:
