@@ -26,13 +26,14 @@ from importer.model import MAX_TOKENS, check_model_dir, default_model_dir
 #: windows of prose and code fit in 256 tokens 99.8 % of the time, 1100-character ones 98.7 %.
 LOCAL_MAX_CHARS = 1000
 
-#: Padded tokens (texts × longest text) per onnxruntime call: 8 texts of the full 256 tokens, so the
-#: activations stay what the old batch of 8 took, while short texts go 30 or 100 at a time.  Measured on
-#: 100 chunks of make_corpus.py's realistic profile, texts sorted by token count, 2 loaded cores: budgets
-#: of 2048 and 4096 tokens took 15-16 s, 8192 and fixed counts of 8 or 32 texts 23-24 s, one text at
-#: a time (no padding at all) 27 s: small batches keep activations in cache, and sorting leaves little
-#: padding to save.
-TOKEN_BUDGET = 2048
+#: Texts of the full 256 tokens per onnxruntime call; the batches are cut by the budget of padded tokens
+#: (texts × longest text) this makes, so shorter texts go more at a time: with 8, a budget of 2048
+#: tokens, so the activations stay what a batch of 8 always took, while 60-token texts go 34 at a time.
+#: Measured on 100 chunks of make_corpus.py's realistic profile, texts sorted by token count, 2 loaded
+#: cores: budgets of 2048 and 4096 tokens took 15-16 s, 8192 and fixed counts of 8 or 32 texts 23-24 s,
+#: one text at a time (no padding at all) 27 s: small batches keep activations in cache, and sorting
+#: leaves little padding to save.
+DEFAULT_BATCH_SIZE = 8
 
 _PAD_ID = 0  # [PAD] in this vocabulary
 
@@ -52,20 +53,18 @@ class LocalEmbedder:
         self,
         model_dir: Path | None = None,
         *,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         threads: int = 2,
         executor: ThreadPoolExecutor | None = None,
-        token_budget: int = TOKEN_BUDGET,
     ) -> None:
         model_dir = model_dir or default_model_dir()
         check_model_dir(model_dir)
         # Nothing here downloads, but fastembed is installed and qdrant-client may load it; its hub
         # library honours this switch, so nothing can spend ~40 s retrying an unreachable Hugging Face.
         os.environ["HF_HUB_OFFLINE"] = "1"
-        #: Texts per ``embed`` call the pipeline should gather (sorting needs a window of them);
-        #: inside a call, batches are cut by ``token_budget``.
         self.batch_size = batch_size
-        self.token_budget = max(token_budget, MAX_TOKENS)
+        #: Padded tokens per onnxruntime call (see :data:`DEFAULT_BATCH_SIZE`).
+        self.token_budget = max(batch_size, 1) * MAX_TOKENS
         self._session: ort.InferenceSession | None = _session(model_dir / "model.onnx", threads)
         # One worker is enough: onnxruntime already spreads each batch over ``threads`` cores, and
         # two batches at once would only compete for them and double the activation memory.

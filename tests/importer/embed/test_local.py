@@ -51,7 +51,8 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 def test_implements_the_embedder_protocol(embedder: LocalEmbedder) -> None:
     as_protocol: Embedder = embedder  # checked by mypy
-    assert (as_protocol.name, as_protocol.dimensions, as_protocol.batch_size) == ("local", 384, 32)
+    assert (as_protocol.name, as_protocol.dimensions, as_protocol.batch_size) == ("local", 384, 8)
+    assert embedder.token_budget == 8 * MAX_TOKENS
     assert as_protocol.max_chars == LOCAL_MAX_CHARS
 
 
@@ -80,7 +81,7 @@ async def test_related_texts_score_higher_than_unrelated(embedder: LocalEmbedder
 
 async def test_order_and_batching_do_not_change_vectors(embedder: LocalEmbedder) -> None:
     texts = [f"message {n}: " + "the importer keeps qdrant filled " * (n % 7 + 1) for n in range(70)]
-    together = await embedder.embed(texts)  # three batches of 32, padded to each batch's longest
+    together = await embedder.embed(texts)  # batches of up to 2048 padded tokens, sorted by length
     one = await embedder.embed([texts[45]])
     assert cosine(together[45], one[0]) > 0.99999
 
@@ -236,8 +237,8 @@ def test_missing_model_folder_fails_fast_with_the_prepare_command(tmp_path: Path
 
 async def test_aclose_shuts_down_only_an_owned_executor(model_dir: Path) -> None:
     shared = ThreadPoolExecutor(max_workers=1)
-    borrowing = LocalEmbedder(model_dir, executor=shared, batch_size=8)
-    assert borrowing.batch_size == 8
+    borrowing = LocalEmbedder(model_dir, executor=shared, batch_size=4)
+    assert (borrowing.batch_size, borrowing.token_budget) == (4, 4 * MAX_TOKENS)
     await borrowing.embed(["uses the shared pool"])
     await borrowing.aclose()
     assert shared.submit(lambda: 42).result() == 42  # the caller's pool still works
