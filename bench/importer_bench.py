@@ -1,15 +1,20 @@
 """Importer benchmark: the whole pipeline against raw FastEmbed on the same chunk texts, and memory.
 
-Prints numbers; asserts nothing. Both throughputs are measured in the same run on the same machine,
-so their ratio holds even on a noisy machine where the absolute numbers do not.
+Prints numbers; asserts nothing. Every throughput is measured in the same run on the same machine, and
+the runs alternate (``--repeat``), so their ratios hold even on a noisy machine where the absolute
+numbers do not.
 
-    .venv/bin/python bench/importer_bench.py                      # 300 realistic sessions
+    .venv/bin/python bench/importer_bench.py --sessions 80 --seed 11        # make_corpus.py realistic
+    .venv/bin/python bench/importer_bench.py --baseline-python ../base/.venv/bin/python --repeat 2
     .venv/bin/python bench/importer_bench.py --long-sessions 2000 --long-profile heavy
 
 1. throughput: make ``--sessions`` sessions with ../shared/corpus/make_corpus.py; chunk them with the
-   importer's own parser and chunker; embed those chunk texts with fastembed directly (one thread
-   calling ``TextEmbedding.embed`` with the importer's batch size: the raw speed of the model here); then
-   run ``python -m importer run`` on the tree into an embedded Qdrant and compare chunks per second.
+   importer's own parser and chunker; count the tokens the model embeds (the tokenizer, truncated at 256:
+   the model's real work); embed those chunk texts with fastembed's ``TextEmbedding.embed`` (its default
+   batching, and batch 8) on the same prepared model folder, each in a process of its own; then run
+   ``python -m importer run`` on the tree into an embedded Qdrant, and, with ``--baseline-python``, the
+   importer of another checkout (that interpreter's venv, its own model folder) the same way. Per run:
+   tokens/s, chunks/s, MB of logs per minute, files/min, peak RSS, and the ratios.
 2. memory over a long run (``--long-sessions``, 0 to skip): RSS of the importer sampled every second;
    the median of the first and of the last quarter of the samples.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,21 +70,59 @@ def chunk_texts(root: Path, settings: Settings) -> list[str]:
     return texts
 
 
-def raw_fastembed(texts: list[str], threads: int, batch_size: int) -> dict[str, float]:
-    """fastembed alone, one calling thread, texts in file order, the importer's batch size (fastembed's own
-    default of 256 is slower here and takes gigabytes)."""
+def count_tokens(texts: list[str]) -> int:
+    """Tokens the model embeds for ``texts``: [CLS] and [SEP] included, each text truncated at 256."""
+    from tokenizers import Tokenizer
+
+    from importer.model import MAX_TOKENS, prepare_model
+
+    tokenizer = Tokenizer.from_file(str(prepare_model() / "tokenizer.json"))
+    tokenizer.enable_truncation(MAX_TOKENS)
+    return sum(len(encoding.ids) for encoding in tokenizer.encode_batch(texts))
+
+
+def raw_fastembed_worker(texts_file: Path, threads: int, batch_size: int) -> None:
+    """fastembed alone, one calling thread, texts in file order; prints its result as JSON (run as a child)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     from fastembed import TextEmbedding
 
     from importer.model import DEFAULT_MODEL, prepare_model
 
+    texts: list[str] = json.loads(texts_file.read_text())
     folder = prepare_model()
     model = TextEmbedding(DEFAULT_MODEL, specific_model_path=str(folder), threads=threads, local_files_only=True)
-    list(model.embed(texts[:64]))  # warm up
+    list(model.embed(texts[:8]))  # warm up
     started = time.perf_counter()
-    count = sum(1 for _ in model.embed(texts, batch_size=batch_size))
-    seconds = time.perf_counter() - started
-    return {"chunks": count, "seconds": seconds, "chunks_per_s": count / seconds}
+    count = sum(1 for _ in model.embed(texts, **({"batch_size": batch_size} if batch_size else {})))
+    print(json.dumps({"chunks": count, "seconds": time.perf_counter() - started}))
+
+
+def raw_fastembed(texts_file: Path, threads: int, batch_size: int) -> tuple[dict[str, Any], list[float]]:
+    """:func:`raw_fastembed_worker` in a process of its own, its RSS sampled (batch 0: fastembed's default)."""
+    command = [sys.executable, __file__, "--raw-worker", str(texts_file), "--threads", str(threads)]
+    return sampled_json([*command, "--raw-batch", str(batch_size)], cwd=REPO, env=dict(os.environ))
+
+
+def sampled_json(
+    command: list[str], *, cwd: Path, env: dict[str, str], interval: float = 0.5
+) -> tuple[dict[str, Any], list[float]]:
+    """Run ``command``, sampling its RSS; return the JSON object on its last line of output and the samples."""
+    cpu_before = _children_cpu_seconds()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    sampler = RssSampler(process.pid, interval)
+    out, _ = process.communicate()
+    samples = sampler.stop()
+    if process.returncode != 0:
+        raise SystemExit(f"{command[:4]} failed with exit code {process.returncode}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    result["cpu_seconds"] = _children_cpu_seconds() - cpu_before
+    return result, samples
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time of the waited-for child processes so far: far less sensitive than wall time to other load."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class RssSampler:
@@ -119,48 +163,103 @@ def store_footprint_mb(qdrant: Path) -> float:
     return float(done.stdout.split()[0])
 
 
-def run_importer(root: Path, work: Path, qdrant_url: str | None, interval: float) -> tuple[dict[str, Any], list[float]]:
-    """``python -m importer run`` into an embedded store in ``work`` (or a server), sampling its RSS."""
+def run_importer(
+    root: Path,
+    work: Path,
+    qdrant_url: str | None,
+    interval: float,
+    python: str = sys.executable,
+    checkout: Path = REPO,
+) -> tuple[dict[str, Any], list[float]]:
+    """``python -m importer run`` of ``checkout`` into an embedded store in ``work`` (or a server), sampling its RSS."""
     target = ["--qdrant-url", qdrant_url] if qdrant_url else ["--qdrant-path", str(work / "qdrant")]
-    command = [sys.executable, "-m", "importer", "run", "--source", str(root), "--json", *target]
+    command = [python, "-m", "importer", "run", "--source", str(root), "--json", *target]
     command += ["--state-file", str(work / "state.json")]
     # As the Jobs run it: MALLOC_ARENA_MAX=2 (the importer also applies it itself when unset).
     env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    sampler = RssSampler(process.pid, interval)
-    out, _ = process.communicate()
-    samples = sampler.stop()
-    if process.returncode != 0:
-        raise SystemExit(f"importer failed with exit code {process.returncode}")
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return result, samples
+    if checkout != REPO:
+        env.pop("IMPORTER_MODEL_DIR", None)  # another checkout uses its own default model folder
+    return sampled_json(command, cwd=checkout, env=env, interval=interval)
+
+
+def report(name: str, result: dict[str, Any], tokens: int, logs_mb: float, files: int, rss: float) -> dict[str, float]:
+    seconds = result["seconds"]
+    row = {
+        "tokens_per_s": tokens / seconds,
+        "chunks_per_s": result["chunks"] / seconds,
+        "mb_per_min": logs_mb / seconds * 60,
+        "files_per_min": files / seconds * 60,
+        "tokens_per_cpu_s": tokens / result["cpu_seconds"],
+        "peak_rss_mb": rss,
+    }
+    print(
+        f"{name:24s} {seconds:6.1f} s {row['tokens_per_s']:6.0f} tokens/s {row['chunks_per_s']:6.2f} chunks/s "
+        f"{row['mb_per_min']:6.2f} MB/min {row['files_per_min']:5.1f} files/min | "
+        f"{row['tokens_per_cpu_s']:5.0f} tokens per CPU-s (whole process) | peak RSS {rss:4.0f} MB",
+        flush=True,
+    )
+    return row
 
 
 def throughput(args: argparse.Namespace, base: Path) -> None:
-    root = base / f"corpus-{args.profile}-{args.sessions}"
+    root = base / f"corpus-{args.profile}-{args.sessions}-{args.seed}"
     manifest = make_corpus(root, args.sessions, args.profile, args.seed)
     settings = Settings()
     texts = chunk_texts(root, settings)
-    print(f"corpus: {manifest['files']} files, {manifest['bytes'] / 2**20:.0f} MiB, {len(texts)} chunks")
+    tokens = count_tokens(texts)
+    logs_mb = manifest["bytes"] / 2**20
+    files = len(discover(root))
+    print(f"corpus: {files} files, {logs_mb:.1f} MiB, {len(texts)} chunks, {tokens} tokens embedded")
+    texts_file = base / f"texts-{os.getpid()}.json"
+    texts_file.write_text(json.dumps(texts))
+    contenders: dict[str, Any] = {
+        "raw fastembed (default)": lambda: raw_fastembed(texts_file, args.threads, 0),
+        "raw fastembed (batch 8)": lambda: raw_fastembed(texts_file, args.threads, 8),
+        "importer": lambda: importer_run(root, base),
+    }
+    if args.baseline_python:
+        checkout = Path(args.baseline_python).resolve().parents[2]
+        contenders["baseline importer"] = lambda: importer_run(root, base, args.baseline_python, checkout)
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
+    try:
+        for _ in range(args.repeat):  # alternate, so that a burst of load hits every contender alike
+            for name, measure in contenders.items():
+                result, samples = measure()
+                if result["chunks"] != len(texts):
+                    print(f"  note: {name} embedded {result['chunks']} chunks, the chunker made {len(texts)}")
+                rows[name].append(report(name, result, tokens, logs_mb, files, max(samples)))
+    finally:
+        texts_file.unlink()
+    print_ratios(rows)
 
-    raw = raw_fastembed(texts, threads=args.threads, batch_size=settings.batch_size)
-    print(f"raw fastembed:  {raw['chunks_per_s']:7.1f} chunks/s  ({raw['chunks']} chunks in {raw['seconds']:.1f} s)")
 
+def importer_run(
+    root: Path, base: Path, python: str = sys.executable, checkout: Path = REPO
+) -> tuple[dict[str, Any], list[float]]:
     with tempfile.TemporaryDirectory(dir=base) as work:
-        result, samples = run_importer(root, Path(work), None, interval=0.5)
-        store = store_footprint_mb(Path(work) / "qdrant")
-    chunks_per_s = result["chunks"] / result["seconds"]
-    files_per_min = result["files"] / result["seconds"] * 60
-    print(
-        f"importer:       {chunks_per_s:7.1f} chunks/s  ({result['chunks']} chunks, {result['files']} files "
-        f"in {result['seconds']:.1f} s = {files_per_min:.0f} files/min)"
-    )
-    print(f"ratio importer/raw: {chunks_per_s / raw['chunks_per_s']:.2f}  (target >= 0.9)")
-    print(f"peak RSS: {max(samples):.0f} MB sampled, {result['peak_rss_mb']:.0f} MB reported  (target <= 450)")
-    print(
-        f"  of which the embedded store's {result['chunks']} points: {store:.0f} MB; "
-        f"the importer without them: {max(samples) - store:.0f} MB"
-    )
+        return run_importer(root, Path(work), None, interval=0.5, python=python, checkout=checkout)
+
+
+def print_ratios(rows: dict[str, list[dict[str, float]]]) -> None:
+    """The importer's ratios to each other contender, per round (runs next to each other see similar load),
+    and their median over the rounds."""
+    ours = rows["importer"]
+    for name, runs in rows.items():
+        if name == "importer":
+            continue
+        for key, label in (
+            ("tokens_per_s", "tokens/s"),
+            ("mb_per_min", "MB of logs/min"),
+            ("tokens_per_cpu_s", "tokens per CPU-s"),
+        ):
+            ratios = [mine[key] / other[key] for mine, other in zip(ours, runs, strict=True)]
+            rounds = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+            print(f"importer / {name}: {label} x{statistics.median(ratios):.2f} (rounds: {rounds})")
+        rss = statistics.median(
+            mine["peak_rss_mb"] / other["peak_rss_mb"] for mine, other in zip(ours, runs, strict=True)
+        )
+        print(f"importer / {name}: peak RSS x{rss:.2f}")
+    print("targets: tokens/s >= 1.3x raw fastembed; MB of logs/min >= 1.5x the baseline importer")
 
 
 def long_run(args: argparse.Namespace, base: Path) -> None:
@@ -198,7 +297,14 @@ def main() -> None:
     parser.add_argument("--qdrant-url", help="long run against a Qdrant server instead of the embedded store")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "reflection-bench")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="alternating rounds of every contender")
+    parser.add_argument("--baseline-python", help="also run the importer of the checkout whose venv has this python")
+    parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--raw-batch", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.raw_worker:
+        raw_fastembed_worker(args.raw_worker, args.threads, args.raw_batch)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.skip_throughput:
         throughput(args, args.work)

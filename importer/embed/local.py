@@ -1,21 +1,24 @@
-"""The local embedding provider: all-MiniLM-L6-v2 through fastembed (onnxruntime), no network at all."""
+"""The local embedding provider: all-MiniLM-L6-v2 run by onnxruntime directly, no network at all.
+
+The prepared folder (:func:`importer.model.prepare_model`) is fastembed-ready, and fastembed is
+what we measure against (bench/importer_bench.py), but the importer runs the graph itself: each
+text is tokenized once, texts are sorted by their token count and cut into batches by a budget of
+padded tokens rather than by a count, so that no batch pads short texts to a long one's length.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-from tokenizers import Tokenizer
+import onnxruntime as ort
+from tokenizers import Encoding, Tokenizer
 
-from importer.model import DEFAULT_MODEL, check_model_dir, default_model_dir
-
-if TYPE_CHECKING:
-    from fastembed import TextEmbedding
+from importer.model import MAX_TOKENS, check_model_dir, default_model_dir
 
 #: Characters per chunk that the model reads in full.  all-MiniLM-L6-v2 reads 256 tokens (254 of
 #: text plus [CLS] and [SEP]) and silently drops the rest.  Measured on make_corpus.py's realistic
@@ -23,11 +26,22 @@ if TYPE_CHECKING:
 #: windows of prose and code fit in 256 tokens 99.8 % of the time, 1100-character ones 98.7 %.
 LOCAL_MAX_CHARS = 1000
 
+#: Texts of the full 256 tokens per onnxruntime call; the batches are cut by the budget of padded tokens
+#: (texts × longest text) this makes, so shorter texts go more at a time: with 8, a budget of 2048
+#: tokens, so the activations stay what a batch of 8 always took, while 60-token texts go 34 at a time.
+#: Measured on 100 chunks of make_corpus.py's realistic profile, texts sorted by token count, 2 loaded
+#: cores: budgets of 2048 and 4096 tokens took 15-16 s, 8192 and fixed counts of 8 or 32 texts 23-24 s,
+#: one text at a time (no padding at all) 27 s: small batches keep activations in cache, and sorting
+#: leaves little padding to save.
+DEFAULT_BATCH_SIZE = 8
+
+_PAD_ID = 0  # [PAD] in this vocabulary
+
 
 class LocalEmbedder:
     """Embeds with the prepared all-MiniLM-L6-v2 folder (see :func:`importer.model.prepare_model`).
 
-    fastembed's calls are synchronous and CPU-bound, so they run in a thread pool: onnxruntime
+    onnxruntime's calls are synchronous and CPU-bound, so they run in a thread pool: onnxruntime
     releases the GIL, and the event loop keeps reading files and talking to Qdrant meanwhile.
     """
 
@@ -39,67 +53,117 @@ class LocalEmbedder:
         self,
         model_dir: Path | None = None,
         *,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         threads: int = 2,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
         model_dir = model_dir or default_model_dir()
         check_model_dir(model_dir)
-        # fastembed never downloads when given a folder, but the hub library also honours this
-        # switch, so nothing in the process can spend ~40 s retrying an unreachable Hugging Face.
+        # Nothing here downloads, but fastembed is installed and qdrant-client may load it; its hub
+        # library honours this switch, so nothing can spend ~40 s retrying an unreachable Hugging Face.
         os.environ["HF_HUB_OFFLINE"] = "1"
-        from fastembed import TextEmbedding  # imported late: it pulls in onnxruntime
-
         self.batch_size = batch_size
-        self._model: TextEmbedding | None = TextEmbedding(
-            DEFAULT_MODEL,
-            cache_dir=str(model_dir),
-            threads=threads,
-            specific_model_path=str(model_dir),
-            local_files_only=True,
-            cuda=False,
-        )
-        # One worker is enough: onnxruntime already spreads each batch over ``threads`` cores, and
-        # two batches at once would only compete for them and double the activation memory.
+        #: Padded tokens per onnxruntime call (see :data:`DEFAULT_BATCH_SIZE`).
+        self.token_budget = max(batch_size, 1) * MAX_TOKENS
+        self._session: ort.InferenceSession | None = _session(model_dir / "model.onnx")
+        # ``threads`` batches run at once, each on one core, rather than one batch spread over
+        # ``threads`` cores: an operator split over two threads waits for the slower at every one of
+        # the graph's ~60 steps, and on a busy machine one of them is often descheduled.  Measured on
+        # 100 chunks, 2 loaded cores, alternating: 23-32 s against 40-43 s for intra-op threads.
+        self._batch_workers = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="embed-batch")
+        # The caller's thread (the event loop's) only waits in this one: embedding never blocks the loop.
         self._owns_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-local")
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self._tokenizer.no_truncation()
+        self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.no_padding()
+        self._counter = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._counter.no_truncation()
+        self._counter.no_padding()
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Embed document chunks, in order; longer than 256 tokens means truncated by the model."""
         if not texts:
             return []
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._embed_documents, list(texts))
+        return await loop.run_in_executor(self._executor, self.embed_now, list(texts))
 
     async def embed_query(self, text: str) -> list[float]:
         """Embed a search query (this model embeds queries and documents alike)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._embed_query, text)
+        (vector,) = await loop.run_in_executor(self._executor, self.embed_now, [text])
+        return vector
 
     async def aclose(self) -> None:
         """Drop the model; shut the thread pool down if this embedder created it."""
-        self._model = None
+        self._session = None
+        await asyncio.to_thread(self._batch_workers.shutdown, wait=True)
         if self._owns_executor:
             await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     def count_tokens(self, text: str) -> int:
         """Tokens the model would see for ``text`` before truncation, [CLS] and [SEP] included."""
-        return len(self._tokenizer.encode(text).ids)
+        return len(self._counter.encode(text).ids)
 
-    def _embed_documents(self, texts: list[str]) -> list[list[float]]:
-        # fastembed's default batch of 256 pads every text to the longest one and costs gigabytes
-        # of activations on long chunks; a small batch is as fast and keeps memory bounded.
-        vectors = self._require_model().embed(texts, batch_size=self.batch_size)
-        return [np.asarray(vector, dtype=np.float32).tolist() for vector in vectors]
+    def embed_now(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed ``texts``, blocking the calling thread (for a caller with no event loop, e.g. one query).
 
-    def _embed_query(self, text: str) -> list[float]:
-        (vector,) = self._require_model().query_embed([text])
-        return np.asarray(vector, dtype=np.float32).tolist()
+        Each text is tokenized once; the order of the texts does not change their vectors.
+        """
+        session = self._require_session()
+        encodings = self._tokenizer.encode_batch(list(texts))
+        batches = list(_token_budget_batches([len(e.ids) for e in encodings], self.token_budget))
+        embedded = self._batch_workers.map(lambda batch: _run(session, [encodings[i] for i in batch]), batches)
+        vectors = np.empty((len(encodings), self.dimensions), dtype=np.float32)
+        for batch, batch_vectors in zip(batches, embedded, strict=True):
+            vectors[batch] = batch_vectors
+        return vectors.tolist()
 
-    def _require_model(self) -> TextEmbedding:
-        if self._model is None:
+    def _require_session(self) -> ort.InferenceSession:
+        if self._session is None:
             raise RuntimeError("LocalEmbedder is closed")
-        return self._model
+        return self._session
+
+
+def _session(model_file: Path) -> ort.InferenceSession:
+    """One session for every batch worker (``run`` is thread-safe), each call on its caller's thread alone."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1  # the graph is one chain of operators: nothing runs beside another
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+
+def _token_budget_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Indexes of the texts, shortest first, in batches whose padded size (count × longest) fits ``budget``.
+
+    A text longer than the budget still gets a batch of its own.
+    """
+    batch: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        # Sorted ascending: the text being added is the batch's longest.
+        if batch and (len(batch) + 1) * lengths[index] > budget:
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
+
+
+def _run(session: ort.InferenceSession, encodings: list[Encoding]) -> np.ndarray:
+    """Mean-pooled, unit-length vectors of one batch, padded on the right to its longest text.
+
+    The fused graph's attention reads each text's length from the mask, so padding must be on the right.
+    """
+    longest = max(len(e.ids) for e in encodings)
+    ids = np.full((len(encodings), longest), _PAD_ID, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, encoding in enumerate(encodings):
+        ids[row, : len(encoding.ids)] = encoding.ids
+        mask[row, : len(encoding.ids)] = 1
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    (hidden,) = session.run(["last_hidden_state"], feeds)
+    weights = mask[:, :, None].astype(np.float32)
+    pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+    norms: np.ndarray = np.linalg.norm(pooled, axis=1, keepdims=True)
+    return pooled / np.maximum(norms, 1e-12)

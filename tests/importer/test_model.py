@@ -175,11 +175,18 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+@pytest.fixture(scope="module")
+def plain_graph(weights: dict[str, np.ndarray], config: dict[str, Any]) -> bytes:
+    """The same network from standard ONNX operators only (no onnxruntime contrib ops)."""
+    return model_module.build_bert_onnx(config, weights, fused=False).SerializeToString()
+
+
+@pytest.mark.parametrize("graph", ["prepared (fused)", "plain"])
 def test_onnx_graph_computes_the_same_as_numpy_bert(
-    model_dir: Path, weights: dict[str, np.ndarray], config: dict[str, Any]
+    graph: str, model_dir: Path, plain_graph: bytes, weights: dict[str, np.ndarray], config: dict[str, Any]
 ) -> None:
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # batch-longest, as fastembed does
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # batch-longest, on the right, as fastembed does
     # Two texts of different length: the shorter is padded, which exercises the attention mask.
     texts = ["The pod was OOM killed.", "Qdrant stores one vector per conversation chunk, with its payload."]
     encodings = tokenizer.encode_batch(texts)
@@ -187,7 +194,8 @@ def test_onnx_graph_computes_the_same_as_numpy_bert(
     mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
     assert mask[0].sum() < mask[1].sum()
 
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    source = str(model_dir / "model.onnx") if graph.startswith("prepared") else plain_graph
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     (onnx_hidden,) = session.run(["last_hidden_state"], feeds)
     reference = numpy_bert(weights, config, ids, mask.astype(np.float64))
@@ -207,6 +215,17 @@ def test_onnx_graph_computes_the_same_as_numpy_bert(
         {"input_ids": alone_ids, "attention_mask": alone_mask, "token_type_ids": np.zeros_like(alone_ids)},
     )
     assert cosine(mean_pool(alone_hidden, alone_mask)[0], onnx_pooled[0]) > 0.99999
+
+
+def test_prepared_graph_uses_fused_operators_and_is_deterministic(
+    model_dir: Path, weights: dict[str, np.ndarray], config: dict[str, Any]
+) -> None:
+    prepared = onnx.load(str(model_dir / "model.onnx"))
+    fused_ops = {node.op_type for node in prepared.graph.node if node.domain == model_module.CONTRIB_DOMAIN}
+    assert fused_ops == {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"}
+    # Built offline from the weights alone: the same bytes every time, on any machine.
+    rebuilt = model_module.build_bert_onnx(config, weights)
+    assert rebuilt.SerializeToString() == prepared.SerializeToString()
 
 
 def test_prepare_leaves_no_network_dependency(model_dir: Path) -> None:

@@ -17,8 +17,16 @@ import numpy as np
 import pytest
 
 from importer.embed.base import Embedder
-from importer.embed.local import LOCAL_MAX_CHARS, LocalEmbedder
-from importer.model import MAX_TOKENS, ModelNotPrepared, prepare_model
+from importer.embed.local import LOCAL_MAX_CHARS, LocalEmbedder, _token_budget_batches
+from importer.model import (
+    DEFAULT_MODEL,
+    MAX_TOKENS,
+    ModelNotPrepared,
+    build_bert_onnx,
+    prepare_model,
+    read_safetensors,
+    source_weights_dir,
+)
 
 CORPUS_SCRIPT = Path(os.environ.get("CORPUS_SCRIPT", "/work/shared/corpus/make_corpus.py"))
 
@@ -43,7 +51,8 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 def test_implements_the_embedder_protocol(embedder: LocalEmbedder) -> None:
     as_protocol: Embedder = embedder  # checked by mypy
-    assert (as_protocol.name, as_protocol.dimensions, as_protocol.batch_size) == ("local", 384, 32)
+    assert (as_protocol.name, as_protocol.dimensions, as_protocol.batch_size) == ("local", 384, 8)
+    assert embedder.token_budget == 8 * MAX_TOKENS
     assert as_protocol.max_chars == LOCAL_MAX_CHARS
 
 
@@ -72,7 +81,7 @@ async def test_related_texts_score_higher_than_unrelated(embedder: LocalEmbedder
 
 async def test_order_and_batching_do_not_change_vectors(embedder: LocalEmbedder) -> None:
     texts = [f"message {n}: " + "the importer keeps qdrant filled " * (n % 7 + 1) for n in range(70)]
-    together = await embedder.embed(texts)  # three batches of 32, padded to each batch's longest
+    together = await embedder.embed(texts)  # batches of up to 2048 padded tokens, sorted by length
     one = await embedder.embed([texts[45]])
     assert cosine(together[45], one[0]) > 0.99999
 
@@ -151,6 +160,53 @@ def test_max_chars_chunks_fit_the_model_window(embedder: LocalEmbedder, tmp_path
     assert fitting / len(windows) >= 0.99
 
 
+@pytest.fixture(scope="module")
+def plain_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model folder as it was before the fused graph: standard ONNX operators, run by fastembed."""
+    folder = tmp_path_factory.mktemp("plain-model")
+    for file in model_dir.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    source = source_weights_dir()
+    config = json.loads((source / "config.json").read_text())
+    plain = build_bert_onnx(config, read_safetensors(source / "model.safetensors"), fused=False)
+    (folder / "model.onnx").write_bytes(plain.SerializeToString())
+    return folder
+
+
+@pytest.mark.skipif(not CORPUS_SCRIPT.exists(), reason="make_corpus.py not found (set CORPUS_SCRIPT)")
+def test_vectors_match_fastembed_on_the_plain_graph(
+    embedder: LocalEmbedder, plain_model_dir: Path, tmp_path: Path
+) -> None:
+    """The fused graph, token-budget batches and our pooling give the vectors fastembed gave before them."""
+    from fastembed import TextEmbedding
+
+    subprocess.run(
+        [sys.executable, str(CORPUS_SCRIPT), str(tmp_path), "--files", "4", "--profile", "realistic", "--seed", "3"],
+        check=True,
+        capture_output=True,
+    )
+    # Chunk-sized windows of real-looking log text, plus the edge cases: empty, one word, unicode, too long.
+    windows = [text[:LOCAL_MAX_CHARS] for text in corpus_texts(tmp_path) if text.strip()][:60]
+    texts = [*windows, "", "ok", "ünïcödé and emoji 🚀 survive", "kubernetes " * 400]
+    reference = TextEmbedding(DEFAULT_MODEL, specific_model_path=str(plain_model_dir), local_files_only=True)
+    expected = list(reference.embed(texts, batch_size=32))
+    actual = embedder.embed_now(texts)
+    worst = min(cosine(a, list(e)) for a, e in zip(actual, expected, strict=True))
+    assert worst >= 0.9999
+
+
+def test_token_budget_batches_sort_by_length_and_respect_the_budget() -> None:
+    lengths = [200, 10, 256, 30, 30, 120, 2, 256, 64]
+    batches = list(_token_budget_batches(lengths, budget=512))
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(lengths)
+    for batch in batches:
+        assert len(batch) * max(lengths[i] for i in batch) <= 512
+    # A text longer than the budget still gets embedded, alone.
+    assert list(_token_budget_batches([300, 5], budget=256)) == [[1], [0]]
+
+
 def test_loading_and_embedding_never_touch_the_network(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"network access attempted: {args}")
@@ -174,8 +230,8 @@ def test_missing_model_folder_fails_fast_with_the_prepare_command(tmp_path: Path
 
 async def test_aclose_shuts_down_only_an_owned_executor(model_dir: Path) -> None:
     shared = ThreadPoolExecutor(max_workers=1)
-    borrowing = LocalEmbedder(model_dir, executor=shared, batch_size=8)
-    assert borrowing.batch_size == 8
+    borrowing = LocalEmbedder(model_dir, executor=shared, batch_size=4)
+    assert (borrowing.batch_size, borrowing.token_budget) == (4, 4 * MAX_TOKENS)
     await borrowing.embed(["uses the shared pool"])
     await borrowing.aclose()
     assert shared.submit(lambda: 42).result() == 42  # the caller's pool still works
