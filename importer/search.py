@@ -15,12 +15,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from importer.chunk import ROLE_LABELS, Chunker
 from importer.parse import ParseReport, read_messages
 from importer.settings import Settings, SettingsError
 from importer.store import ScoredPayload, Sink, open_sink
+
+if TYPE_CHECKING:
+    from importer.embed.base import Embedder
 
 #: With a filter the store cannot apply (time, role), each collection is asked for this many times the
 #: hits wanted, and the filter is applied to those: the store's query takes no payload filter yet.
@@ -237,9 +240,9 @@ def provider_suffix(settings: Settings) -> str:
         from importer.embed.voyage import VoyageEmbedder
 
         return VoyageEmbedder.name
-    from importer.embed.query import QueryEmbedder
+    from importer.embed.local import LocalEmbedder
 
-    return QueryEmbedder.name
+    return LocalEmbedder.name
 
 
 @dataclass
@@ -254,22 +257,13 @@ async def _query_model(settings: Settings) -> QueryModel:
     if settings.provider == "voyage":
         from importer.runner import make_embedder
 
-        embedder = make_embedder(settings)
-        return QueryModel(embedder.embed_query, embedder.aclose)
-    from importer.embed.query import QueryEmbedder
-    from importer.model import check_model_dir, default_model_dir
+        embedder: Embedder = make_embedder(settings)
+    else:
+        # Only the tokenizer and one onnxruntime session: no fastembed, no qdrant-client, no pipeline.
+        from importer.embed.local import LocalEmbedder
 
-    model_dir = settings.model_dir or default_model_dir()
-    check_model_dir(model_dir)
-    model = await asyncio.to_thread(QueryEmbedder, model_dir)
-
-    async def embed(query: str) -> list[float]:
-        return await asyncio.to_thread(model.embed_query, query)
-
-    async def nothing_to_close() -> None:
-        return None
-
-    return QueryModel(embed, nothing_to_close)
+        embedder = await asyncio.to_thread(LocalEmbedder, settings.model_dir, threads=1)
+    return QueryModel(embedder.embed_query, embedder.aclose)
 
 
 def _search_collections(sink: Sink, vector: list[float], limit: int, wanted: SearchFilter) -> list[Hit]:

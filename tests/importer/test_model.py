@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
+from importer import bert_onnx
 from importer import model as model_module
 from importer.model import (
     DEFAULT_MODEL,
@@ -178,7 +179,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def plain_graph(weights: dict[str, np.ndarray], config: dict[str, Any]) -> bytes:
     """The same network from standard ONNX operators only (no onnxruntime contrib ops)."""
-    return model_module.build_bert_onnx(config, weights, fused=False).SerializeToString()
+    return bert_onnx.build_bert_onnx(config, weights, fused=False).SerializeToString()
 
 
 @pytest.mark.parametrize("graph", ["prepared (fused)", "plain"])
@@ -221,10 +222,10 @@ def test_prepared_graph_uses_fused_operators_and_is_deterministic(
     model_dir: Path, weights: dict[str, np.ndarray], config: dict[str, Any]
 ) -> None:
     prepared = onnx.load(str(model_dir / "model.onnx"))
-    fused_ops = {node.op_type for node in prepared.graph.node if node.domain == model_module.CONTRIB_DOMAIN}
+    fused_ops = {node.op_type for node in prepared.graph.node if node.domain == bert_onnx.CONTRIB_DOMAIN}
     assert fused_ops == {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"}
     # Built offline from the weights alone: the same bytes every time, on any machine.
-    rebuilt = model_module.build_bert_onnx(config, weights)
+    rebuilt = bert_onnx.build_bert_onnx(config, weights)
     assert rebuilt.SerializeToString() == prepared.SerializeToString()
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from importer.bert_onnx import build_bert_onnx
 from importer.embed.base import Embedder
 from importer.embed.local import LOCAL_MAX_CHARS, LocalEmbedder, _token_budget_batches
 from importer.model import (
     DEFAULT_MODEL,
     MAX_TOKENS,
     ModelNotPrepared,
-    build_bert_onnx,
     prepare_model,
     read_safetensors,
     source_weights_dir,
