@@ -13,7 +13,10 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FIRST_PARTY = {"importer", "reflection_operator", "localcluster", "tests", "bench", "scripts", "conftest"}
+#: The project's own packages, and the benchmark scripts, which import each other as top-level modules.
+FIRST_PARTY = {"importer", "reflection_operator", "localcluster", "tests", "bench", "scripts", "conftest"} | {
+    path.stem for path in (REPO / "bench").glob("*.py")
+}
 
 
 def _imported_top_level_modules(*folders: str) -> set[str]:

@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qdrant_client import QdrantClient
-
 from importer.pipeline import RunStats
 from importer.runner import run_import
 from importer.settings import Settings
 from importer.state.base import FileState
+from tests.importer.stored import stored_payloads
 
 SESSION = "0b6f2d4e-5a1c-4d2e-9f3a-7c8b9d0e1f2a"
 
@@ -40,15 +39,8 @@ def _state(settings: Settings) -> dict[str, FileState]:
 
 
 def _payloads(settings: Settings) -> list[dict[str, Any]]:
-    client = QdrantClient(path=str(settings.qdrant_path))
-    try:
-        found: list[dict[str, Any]] = []
-        for collection in client.get_collections().collections:
-            points, _ = client.scroll(collection.name, limit=10_000, with_payload=True)
-            found += [p.payload or {} for p in points]
-        return found
-    finally:
-        client.close()
+    assert settings.qdrant_path is not None
+    return stored_payloads(settings.qdrant_path)
 
 
 def _record(role: str, text: str, index: int = 0, cwd: str | None = "/home/dev/src/hardening") -> bytes:

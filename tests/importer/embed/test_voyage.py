@@ -24,6 +24,7 @@ from tests.importer.embed.fake_voyage import (
     fake_token_count,
     fake_vector,
 )
+from tests.importer.stored import stored_points
 
 MakeEmbedder = Callable[..., VoyageEmbedder]
 
@@ -214,8 +215,6 @@ async def test_the_importer_runs_on_voyage_through_throttling(
     fake_voyage: FakeVoyageServer, real_sessions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The whole importer with ``--provider voyage``: the service throttles, then fails once, then answers."""
-    from qdrant_client import QdrantClient
-
     from importer.runner import run_import
     from importer.settings import Settings
 
@@ -236,12 +235,7 @@ async def test_the_importer_runs_on_voyage_through_throttling(
     stats = await run_import(settings)
     assert stats.files == 3 and stats.chunks > 0
     assert len(fake_voyage.requests) >= 3  # the two failures were retried
-    client = QdrantClient(path=str(settings.qdrant_path))
-    try:
-        (collection,) = client.get_collections().collections
-        assert collection.name.endswith("_voyage")
-        info = client.get_collection(collection.name)
-        assert info.config.params.vectors.size == 1024  # type: ignore[union-attr]
-        assert client.count(collection.name, exact=True).count == stats.chunks
-    finally:
-        client.close()
+    ((collection, points),) = stored_points(tmp_path / "qdrant", suffix="voyage").items()
+    assert collection.endswith("_voyage")
+    assert {len(point.vector) for point in points} == {1024}
+    assert len(points) == stats.chunks
