@@ -155,9 +155,11 @@ def store_footprint_mb(qdrant: Path) -> float:
     """What the embedded store's points take in memory once opened, in a fresh process: the part of an
     embedded-mode importer's RSS that grows with the store, not with the importer's work."""
     probe = (
-        "import sys, psutil; from qdrant_client import QdrantClient; process = psutil.Process(); "
-        "before = process.memory_info().rss; client = QdrantClient(path=sys.argv[1]); "
-        "print((process.memory_info().rss - before) / 2**20); client.close()"
+        "import sys, psutil; from pathlib import Path; from importer.store.edge import EdgeStore; "
+        "process = psutil.Process(); before = process.memory_info().rss; "
+        "store = EdgeStore.open(Path(sys.argv[1]), suffix='local', for_writing=False); "
+        "[store.count(name) for name in store.collections()]; "
+        "print((process.memory_info().rss - before) / 2**20); store.close()"
     )
     done = subprocess.run([sys.executable, "-c", probe, str(qdrant)], capture_output=True, text=True, check=True)
     return float(done.stdout.split()[0])

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.importer.stored import stored_points
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "reflection-operator"
 MAKE_CORPUS = Path(os.environ.get("REFLECTION_SHARED", REPO.parent / "shared")) / "corpus" / "make_corpus.py"
@@ -153,26 +155,14 @@ def embedded_importrun(name: str, source: Path, **spec: Any) -> list[dict[str, A
 
 def stored_messages(store: Path) -> tuple[int, int]:
     """(messages, duplicated chunks) in an embedded Qdrant store, read after the importer closed it."""
-    from qdrant_client import QdrantClient
-
-    client = QdrantClient(path=str(store))
-    try:
-        messages, seen, duplicates = 0, set(), 0
-        for collection in client.get_collections().collections:
-            offset = None
-            while True:
-                points, offset = client.scroll(collection.name, limit=256, offset=offset, with_payload=True)
-                for point in points:
-                    payload = point.payload or {}
-                    key = (payload["conversation_id"], payload["chunk_index"])
-                    duplicates += key in seen
-                    seen.add(key)
-                    messages += int(payload["message_count"])
-                if offset is None:
-                    break
-        return messages, duplicates
-    finally:
-        client.close()
+    messages, seen, duplicates = 0, set(), 0
+    for points in stored_points(store).values():
+        for point in points:
+            key = (point.payload["conversation_id"], point.payload["chunk_index"])
+            duplicates += key in seen
+            seen.add(key)
+            messages += int(point.payload["message_count"])
+    return messages, duplicates
 
 
 def container_pid(real_cluster: Any, pod: dict[str, Any]) -> int:

@@ -25,6 +25,7 @@ from reflection_operator.spec import parse_spec
 
 from importer.contract import ShardSummary
 from importer.model import prepare_model
+from tests.importer.stored import embedded_store
 from tests.polling import wait_for
 
 T0 = datetime(2026, 1, 5, 10, 0, 0, tzinfo=UTC)
@@ -309,13 +310,8 @@ def claim(name: str) -> dict[str, Any]:
 
 def qdrant_points(store: Path) -> int:
     """Points in an embedded Qdrant store (read after the importer has closed it)."""
-    from qdrant_client import QdrantClient
-
-    client = QdrantClient(path=str(store))
-    try:
-        return sum(client.count(c.name, exact=True).count for c in client.get_collections().collections)
-    finally:
-        client.close()
+    with embedded_store(store) as opened:
+        return sum(opened.count(name) for name in opened.collections())
 
 
 @pytest.fixture(name="embedded_importrun")
