@@ -167,7 +167,8 @@ def _search(args: argparse.Namespace) -> int:
         print("no results (has anything been imported into this Qdrant with this provider?)")
     for rank, group in enumerate(group_by_session(hits, args.limit), 1):
         best = group.best
-        more = f", {len(group.hits) - 1} more hits" if len(group.hits) > 1 else ""
+        others = len(group.hits) - 1
+        more = f", {others} more hit{'s' if others > 1 else ''}" if others else ""
         print(f"{rank}. {best.score:.3f}  {best.project}  {best.timestamp}  {group.session}{more}")
         before, after = _context(settings, best) if settings.source else ("", "")
         if before:

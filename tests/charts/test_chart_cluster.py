@@ -130,10 +130,13 @@ def test_helm_install_runs_an_importrun_then_upgrade_rolls_and_uninstall_cleans_
     # What it imported answers a search, as the README shows it.
     env = {**os.environ, "IMPORTER_MODEL_DIR": str(prepare_model())}
     search = subprocess.run(
-        [sys.executable, "-m", "importer", "search", "--qdrant-path", str(store / "store"), "--limit", "2", "stream"],
+        [sys.executable, "-m", "importer", "search", "--qdrant-path", str(store / "store"), "--limit", "2", "--json",
+         "stream"],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
-    assert search.returncode == 0 and ".jsonl#" in search.stdout, search.stdout + search.stderr
+    assert search.returncode == 0, search.stdout + search.stderr
+    hits = [json.loads(line) for line in search.stdout.splitlines()]
+    assert 1 <= len(hits) <= 2 and all(hit["session_file"].endswith(".jsonl") for hit in hits), hits
 
     # A changed value rolls the operator: the old Pod goes (Recreate), a new one runs with the new setting.
     cluster_helm.run(
