@@ -15,11 +15,11 @@ from importer.embed.base import Embedder
 from importer.memory import memory_limit
 from importer.pipeline import Importer, RunOptions, RunStats, in_daemon_thread
 from importer.reader import ReadLimits
-from importer.search import provider_suffix
+from importer.search import open_store
 from importer.settings import Settings
 from importer.state.base import StateStore
 from importer.state.file import FileStateStore
-from importer.store import Sink, open_sink
+from importer.store import Sink
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,7 @@ def make_embedder(settings: Settings) -> Embedder:
 
 
 def make_sink(settings: Settings) -> Sink:
-    return open_sink(
-        url=settings.qdrant_url,
-        path=settings.qdrant_path,
-        api_key=settings.qdrant_api_key,
-        suffix=provider_suffix(settings),
-        attempts=settings.upsert_attempts,
-        index_min_points=settings.index_min_points,
-    )
+    return open_store(settings, for_writing=True)
 
 
 def make_store(settings: Settings) -> StateStore:

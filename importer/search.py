@@ -210,15 +210,17 @@ class Searcher:
                 self._held = None
 
 
-def open_store(settings: Settings) -> Sink:
-    """The store ``search`` reads: the embedded one at ``--qdrant-path`` or the server, never created."""
+def open_store(settings: Settings, *, for_writing: bool = False) -> Sink:
+    """The store the settings name: the embedded one at ``--qdrant-path`` or the server. Search reads it
+    (an embedded store is then never created); an import writes it."""
     return open_sink(
         url=settings.qdrant_url,
         path=settings.qdrant_path,
         api_key=settings.qdrant_api_key,
         suffix=provider_suffix(settings),
         attempts=settings.upsert_attempts,
-        for_writing=False,
+        for_writing=for_writing,
+        index_min_points=settings.index_min_points,
     )
 
 
