@@ -104,7 +104,13 @@ async def run_import(settings: Settings) -> RunStats:
         for signum in (signal.SIGTERM, signal.SIGINT):
             # Stop taking files; what is in flight is finished and saved (a second signal: abandoned).
             loop.add_signal_handler(signum, importer.request_stop, "signal")
+        log.info(
+            "import started",
+            extra={"source": str(settings.source), "store": sink.where, "provider": embedder.name},
+        )
         stats = await importer.run()
+        # The same numbers as the summary on standard output, as a log line for a log collector (kubectl logs).
+        log.info("import ended", extra=stats.to_json())
         if not stats.stopped:
             # Only a run that finished: a stopped one is about to be killed or retried.
             await asyncio.to_thread(sink.finish)

@@ -207,7 +207,10 @@ def test_helm_install_runs_the_operator_and_an_importrun_in_real_containers(
     lines = [line for line in ns.kubectl("logs", importer_pods[0]["metadata"]["name"]).splitlines() if line]
     files = len(manifest["entries"])
     assert lines[-1].startswith(f"imported {files} files (0 unchanged, 0 failed)"), lines
-    assert all("levelname" in json.loads(line) for line in lines[:-1]), lines
+    records = [json.loads(line) for line in lines[:-1]]
+    assert [r["message"] for r in records if r["name"] == "importer.runner"] == ["import started", "import ended"]
+    (ended,) = [r for r in records if r["message"] == "import ended"]
+    assert (ended["files"], ended["messages"]) == (files, manifest["text_messages"]), ended
 
 
 def test_deleting_an_importrun_mid_run_leaves_no_container(
