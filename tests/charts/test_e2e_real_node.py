@@ -267,7 +267,11 @@ def test_an_importer_the_kernel_oom_kills_is_retried_with_more_memory(
     ns.apply(*embedded_importrun("oom", source, resources={"memory": "300Mi"}, memoryRetry=retry, tuning=tuning))
     status = ns.wait_phase("oom", "Succeeded", "Failed", timeout=600)
     assert status["phase"] == "Succeeded", status
-    assert status["lastFailure"]["reason"] == "OOMKilled", status["lastFailure"]
+    # Either ending is over the memory limit and must lead to the retry with more memory: the importer's own
+    # budget (it reads its container's cgroup limit) usually stops it first, state saved (exit 86); an
+    # allocation that outruns its sampling is OOM-killed by the kernel (seen in CI both ways, even with the
+    # budget at the whole limit).
+    assert status["lastFailure"]["reason"] in ("OOMKilled", "MemoryBudgetExceeded"), status["lastFailure"]
     assert status["attempt"] >= 2 and status["memory"] == "1Gi"
     messages, duplicates = stored_messages(real_cluster.pvc_dir(ns.namespace, "qdrant-oom") / "store")
     assert (messages, duplicates) == (manifest["text_messages"], 0)
