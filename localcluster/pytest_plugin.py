@@ -18,6 +18,7 @@ Tests using any of them are marked ``cluster`` automatically.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import re
 import secrets
 import shutil
@@ -27,6 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import pytest
 from kubernetes import client, config
@@ -50,22 +52,29 @@ def _interrupt_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt("SIGTERM")
 
 
-@pytest.fixture(scope="session")
-def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path_factory.mktemp("localcluster"), die_with_parent=True)
-    # SIGTERM would end pytest without teardown; as KeyboardInterrupt, pytest unwinds and runs it.
+@contextlib.contextmanager
+def _running(cluster: LocalCluster, **start: Any) -> Iterator[None]:
+    """Start ``cluster`` and stop it at the end, also when the session is interrupted: SIGTERM would end
+    pytest without teardown, so it becomes a KeyboardInterrupt, which pytest unwinds."""
     previous = signal.getsignal(signal.SIGTERM)
     if previous in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     atexit.register(cluster.stop)
     try:
-        cluster.start()
-        yield cluster
+        cluster.start(**start)
+        yield
     finally:
         cluster.stop()
         atexit.unregister(cluster.stop)
         if previous in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("localcluster"), die_with_parent=True)
+    with _running(cluster):
+        yield cluster
 
 
 @pytest.fixture(scope="session")
@@ -73,18 +82,10 @@ def real_cluster() -> Iterator[LocalCluster]:
     workdir = Path(tempfile.mkdtemp(prefix="reflection-node-"))
     workdir.chmod(0o755)
     cluster = LocalCluster(workdir, die_with_parent=True, real_node=True)
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    atexit.register(cluster.stop)
     try:
-        cluster.start(timeout=REAL_NODE_START_SECONDS)
-        yield cluster
+        with _running(cluster, timeout=REAL_NODE_START_SECONDS):
+            yield cluster
     finally:
-        cluster.stop()
-        atexit.unregister(cluster.stop)
-        if previous in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

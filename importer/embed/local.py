@@ -9,6 +9,7 @@ padded tokens rather than by a count, so that no batch pads short texts to a lon
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -77,9 +78,7 @@ class LocalEmbedder:
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.no_padding()
-        self._counter = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self._counter.no_truncation()
-        self._counter.no_padding()
+        self._model_dir = model_dir
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Embed document chunks, in order; longer than 256 tokens means truncated by the model."""
@@ -104,6 +103,14 @@ class LocalEmbedder:
     def count_tokens(self, text: str) -> int:
         """Tokens the model would see for ``text`` before truncation, [CLS] and [SEP] included."""
         return len(self._counter.encode(text).ids)
+
+    @functools.cached_property
+    def _counter(self) -> Tokenizer:
+        """An untruncated tokenizer, loaded on first use: only measuring needs it, not embedding or search."""
+        counter = Tokenizer.from_file(str(self._model_dir / "tokenizer.json"))
+        counter.no_truncation()
+        counter.no_padding()
+        return counter
 
     def embed_now(self, texts: Sequence[str]) -> list[list[float]]:
         """Embed ``texts``, blocking the calling thread (for a caller with no event loop, e.g. one query).

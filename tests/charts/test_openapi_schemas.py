@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
-from reflection_operator.jobs import JobRequest, Owner, build_job
-from reflection_operator.settings import Settings
-from reflection_operator.spec import parse_spec
 
 from localcluster.cluster import helm_binary
+from tests.charts.operator_jobs import operator_job
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "reflection-operator"
 OLD_RELEASE = "1.23.4"
@@ -63,23 +60,7 @@ def operator_jobs() -> list[dict[str, Any]]:
             "tuning": {"checkpointSeconds": 0.5, "settleSeconds": 1},
         },
     ]
-    settings = Settings()
-    when = datetime(2026, 1, 5, tzinfo=UTC)
-    jobs = []
-    for raw in specs:
-        spec, problems = parse_spec(raw, settings)
-        assert spec is not None and not problems, problems
-        request = JobRequest(
-            owner=Owner(name="nightly", namespace="team", uid="uid-1"),
-            run_id=str(int(when.timestamp())),
-            scheduled_time=when,
-            attempt=1,
-            shard=0,
-            shard_count=spec.parallelism,
-            memory=512 << 20,
-        )
-        jobs.append(build_job(spec, raw, request, settings))
-    return jobs
+    return [operator_job(raw) for raw in specs]
 
 
 def all_objects() -> list[tuple[str, dict[str, Any]]]:

@@ -8,17 +8,14 @@ the chart as rendered, the importer's from the Job the operator builds. The chec
 from __future__ import annotations
 
 import subprocess
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from reflection_operator.jobs import JobRequest, Owner, build_job
-from reflection_operator.settings import Settings
-from reflection_operator.spec import parse_spec
 
 from localcluster.cluster import helm_binary
+from tests.charts.operator_jobs import operator_job
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "reflection-operator"
 RESTRICTED_VOLUMES = {
@@ -91,20 +88,7 @@ def importer_pod() -> dict[str, Any]:
         "qdrant": {"url": "http://qdrant:6333"},
         "resources": {"memory": "512Mi", "cpu": "1"},
     }
-    settings = Settings()
-    spec, problems = parse_spec(raw, settings)
-    assert spec is not None and not problems
-    when = datetime(2026, 1, 5, tzinfo=UTC)
-    request = JobRequest(
-        owner=Owner(name="nightly", namespace="team", uid="uid-1"),
-        run_id=str(int(when.timestamp())),
-        scheduled_time=when,
-        attempt=1,
-        shard=0,
-        shard_count=1,
-        memory=512 << 20,
-    )
-    return dict(build_job(spec, raw, request, settings)["spec"]["template"]["spec"])
+    return dict(operator_job(raw)["spec"]["template"]["spec"])
 
 
 @pytest.mark.parametrize("pod", [operator_pod, importer_pod], ids=["operator", "importer"])

@@ -15,15 +15,15 @@ from typing import Any, cast
 import pytest
 
 from importer.contract import ShardSummary
-from importer.pipeline import Importer, RunOptions, RunStats
+from importer.pipeline import Importer, RunOptions
 from importer.reader import discover
-from importer.runner import make_embedder, make_sink, run_import
+from importer.runner import make_embedder, make_sink
 from importer.search import search
 from importer.settings import Settings
-from importer.state.base import FileState
 from importer.state.file import FileStateStore
 from importer.store import Point, Sink, all_points
 from importer.store.edge import EdgeStore
+from tests.importer.runs import run, run_settings, saved_state
 
 Corpus = Callable[..., tuple[Path, dict[str, Any]]]
 FAULT_REASONS = {
@@ -34,28 +34,6 @@ FAULT_REASONS = {
     "empty_file": "empty_file",
     "huge_line": "too_long",
 }
-
-
-def _settings(source: Path, tmp: Path, **extra: Any) -> Settings:
-    values: dict[str, Any] = {
-        "source": source,
-        "qdrant_path": tmp / "qdrant",
-        "state_file": tmp / "state.json",
-        "checkpoint_seconds": 0.5,
-    }
-    values.update(extra)
-    return Settings(**values)
-
-
-async def _run(settings: Settings) -> RunStats:
-    settings.validate()
-    return await run_import(settings)
-
-
-def _state(settings: Settings) -> dict[str, FileState]:
-    assert settings.state_file is not None
-    files = json.loads(settings.state_file.read_text())["files"]
-    return {k: FileState.from_json(v) for k, v in files.items()}
 
 
 def _summary(settings: Settings) -> ShardSummary:
@@ -95,10 +73,10 @@ async def test_a_damaged_tree_imports_every_good_record_and_counts_the_damage(
     make_corpus: Corpus, model_dir: Path, tmp_path: Path
 ) -> None:
     root, manifest = make_corpus(files=100, profile="small", seed=4, faults=True)
-    settings = _settings(root, tmp_path, max_line_bytes=1 << 20)
-    stats = await _run(settings)
+    settings = run_settings(root, tmp_path, max_line_bytes=1 << 20)
+    stats = await run(settings)
 
-    state = _state(settings)
+    state = saved_state(settings)
     assert stats.files == manifest["files"] == len(state)
     assert stats.chunks == _points(settings) == sum(s.chunks for s in state.values())
     assert stats.messages == sum(s.messages for s in state.values())
@@ -122,8 +100,8 @@ async def test_a_second_run_adds_nothing_and_an_append_imports_only_the_new_reco
     make_corpus: Corpus, model_dir: Path, tmp_path: Path
 ) -> None:
     root, manifest = make_corpus(files=12, profile="small", seed=11)
-    settings = _settings(root, tmp_path)
-    first = await _run(settings)
+    settings = run_settings(root, tmp_path)
+    first = await run(settings)
     assert first.messages == manifest["text_messages"]
     points = _points(settings)
 
@@ -131,7 +109,7 @@ async def test_a_second_run_adds_nothing_and_an_append_imports_only_the_new_reco
     assert (first_summary.run.chunks, first_summary.chunks) == (first.chunks, points)
     assert first_summary.run.messages == manifest["text_messages"]
 
-    again = await _run(settings)
+    again = await run(settings)
     assert (again.files, again.messages, again.chunks, again.unchanged) == (0, 0, 0, len(manifest["entries"]))
     assert _points(settings) == points
     # The summary tells this run's numbers apart from the totals over every run.
@@ -140,10 +118,10 @@ async def test_a_second_run_adds_nothing_and_an_append_imports_only_the_new_reco
     assert (summary.chunks, summary.files_done, summary.phase) == (points, summary.files_total, "Succeeded")
 
     grown = manifest["entries"][0]["path"]
-    before = _state(settings)[grown]
+    before = saved_state(settings)[grown]
     _append(root / grown, "how do we rotate the signing keys?", "with a second key, then retire the first")
-    appended = await _run(settings)
-    after = _state(settings)[grown]
+    appended = await run(settings)
+    after = saved_state(settings)[grown]
     assert (appended.files, appended.messages) == (1, 2)
     assert after.messages == before.messages + 2
     assert after.consumed == (root / grown).stat().st_size
@@ -156,16 +134,16 @@ async def test_a_rewritten_file_is_imported_whole_and_its_old_points_go(
     make_corpus: Corpus, model_dir: Path, tmp_path: Path
 ) -> None:
     root, manifest = make_corpus(files=6, profile="small", seed=12)
-    settings = _settings(root, tmp_path)
-    await _run(settings)
+    settings = run_settings(root, tmp_path)
+    await run(settings)
     entries = manifest["entries"]
     target, donor = entries[0]["path"], entries[1]["path"]
     shutil.copyfile(root / donor, root / target)  # a different, shorter or longer, file in its place
     os.utime(root / target, None)
-    stats = await _run(settings)
+    stats = await run(settings)
     assert stats.files == 1
-    assert _state(settings)[target].messages == entries[1]["text_messages"]
-    assert _points(settings, target) == _state(settings)[target].chunks
+    assert saved_state(settings)[target].messages == entries[1]["text_messages"]
+    assert _points(settings, target) == saved_state(settings)[target].chunks
 
 
 async def test_a_related_query_finds_its_conversation_first(
@@ -180,8 +158,8 @@ async def test_a_related_query_finds_its_conversation_first(
         "My sourdough starter smells like acetone and the loaves come out flat. What am I doing wrong?",
         "Feed the starter more often with equal weights of flour and water; a hungry starter makes dense bread.",
     )
-    settings = _settings(root, tmp_path)
-    await _run(settings)
+    settings = run_settings(root, tmp_path)
+    await run(settings)
     hits = await search(settings, "why is my bread dough not rising", limit=3)
     assert hits[0].source == session.relative_to(root).as_posix()
     assert hits[0].project == "appended"  # from the records' cwd, not the folder name
@@ -193,10 +171,10 @@ async def test_real_sessions_import(real_sessions: Path, model_dir: Path, tmp_pa
     root.mkdir(parents=True)
     for path in real_sessions.glob("*.jsonl"):
         shutil.copy(path, root / path.name)
-    settings = _settings(tmp_path / "projects", tmp_path)
-    stats = await _run(settings)
+    settings = run_settings(tmp_path / "projects", tmp_path)
+    stats = await run(settings)
     assert stats.files == 3 and not stats.skipped
-    assert stats.messages == sum(s.messages for s in _state(settings).values()) >= 3
+    assert stats.messages == sum(s.messages for s in saved_state(settings).values()) >= 3
     store = _open_store(settings)
     try:
         (collection,) = store.collections()
@@ -226,7 +204,7 @@ async def test_shards_split_the_files_between_them(make_corpus: Corpus, model_di
     assert all(shards)
     total = 0
     for index in range(3):
-        stats = await _run(_settings(root, tmp_path / f"s{index}", shard_index=index, shard_count=3))
+        stats = await run(run_settings(root, tmp_path / f"s{index}", shard_index=index, shard_count=3))
         assert stats.files == len(shards[index])
         total += stats.messages
     assert total == manifest["text_messages"]
@@ -251,30 +229,30 @@ async def test_the_older_importers_state_file_is_migrated_without_re_embedding(
             "chunks_imported": 1,
         },  # changed since
     }
-    settings = _settings(root, tmp_path)
+    settings = run_settings(root, tmp_path)
     assert settings.state_file is not None
     settings.state_file.write_text(json.dumps(legacy))
-    stats = await _run(settings)
+    stats = await run(settings)
     assert stats.unchanged == 3
     assert stats.files == len(paths) - 3
-    state = _state(settings)
+    state = saved_state(settings)
     assert state[paths[1]].chunks == 4 and state[paths[1]].status == "done"
     assert settings.state_file.with_name("state.json.legacy-backup").exists()
-    assert (await _run(settings)).files == 0
+    assert (await run(settings)).files == 0
 
 
 async def test_memory_budget_stops_with_state_saved_and_a_rerun_finishes(
     make_corpus: Corpus, model_dir: Path, tmp_path: Path
 ) -> None:
     root, manifest = make_corpus(files=40, profile="small", seed=16)
-    settings = _settings(root, tmp_path, memory_limit=100 << 20, memory_fraction=0.5)
-    stopped = await _run(settings)
+    settings = run_settings(root, tmp_path, memory_limit=100 << 20, memory_fraction=0.5)
+    stopped = await run(settings)
     assert stopped.stopped == "memory"
-    saved = _state(settings)
+    saved = saved_state(settings)
     assert 1 <= len(saved) < len(manifest["entries"])
-    finished = await _run(_settings(root, tmp_path))
+    finished = await run(run_settings(root, tmp_path))
     assert finished.unchanged == len(saved)
-    assert sum(s.messages for s in _state(settings).values()) == manifest["text_messages"]
+    assert sum(s.messages for s in saved_state(settings).values()) == manifest["text_messages"]
 
 
 class SinkWhoseSecondUpsertHangs:
@@ -302,7 +280,7 @@ async def test_a_stop_abandons_a_hung_store_call_and_saves_what_was_acknowledged
     make_corpus: Corpus, model_dir: Path, tmp_path: Path, stop_seconds: float, requests: int
 ) -> None:
     root, manifest = make_corpus(files=24, profile="small", seed=31)
-    settings = _settings(root, tmp_path)
+    settings = run_settings(root, tmp_path)
     embedder = make_embedder(settings)
     sink = SinkWhoseSecondUpsertHangs(make_sink(settings))
     assert settings.state_file is not None
@@ -319,7 +297,7 @@ async def test_a_stop_abandons_a_hung_store_call_and_saves_what_was_acknowledged
         stats = await asyncio.wait_for(running, 120)
         sink.close()  # the hung call is still blocked; the store's folder is free for the checks below
         assert (stats.stopped, stats.abandoned) == ("signal", True)
-        saved = _state(settings)
+        saved = saved_state(settings)
         assert len(saved) < len(manifest["entries"])
         for rel, state in saved.items():  # only what Qdrant acknowledged was claimed
             assert _points(settings, rel) == state.chunks
