@@ -131,18 +131,26 @@ def project_name(cwd: str, rel: str) -> str:
     return name or Path(rel).parts[0]
 
 
-def prefix_hash(fh: BinaryIO, end: int) -> str:
-    """A digest of the file's bytes before ``end``, read in blocks (the file may be large)."""
-    digest = hashlib.sha256()
-    fh.seek(0)
-    remaining = end
+def hash_range(fh: BinaryIO, start: int, end: int, digest: Any) -> Any:
+    """Feed the file's bytes from ``start`` to ``end`` into ``digest``, read in blocks (the file may be large)."""
+    fh.seek(start)
+    remaining = end - start
     while remaining > 0:
         block = fh.read(min(remaining, _HASH_BLOCK))
         if not block:
             break  # shrank meanwhile: the digest cannot match, and the next run re-imports it
         digest.update(block)
         remaining -= len(block)
-    return digest.hexdigest()[:16]
+    return digest
+
+
+def prefix_hash(fh: BinaryIO, end: int) -> str:
+    """A digest of the file's bytes before ``end``."""
+    return short_hex(hash_range(fh, 0, end, hashlib.sha256()))
+
+
+def short_hex(digest: Any) -> str:
+    return str(digest.hexdigest()[:16])
 
 
 def head_hash(fh: BinaryIO, size: int) -> tuple[str, int]:
@@ -195,25 +203,29 @@ class FileReader:
         if old is not None and self._unchanged(old, stat, settled):
             yield FileDone(rel, old, 0, 0, Counter(), outcome="unchanged")
             return
-        if old is None or self._rewritten(old, fh, stat):
+        consumed = None if old is None else self._verified_prefix(old, fh, stat)
+        if old is None or consumed is None:
             if old is not None and old.project:
                 yield DeleteFile(self.collection_for(old.project), rel)
-            old = FileState()
-        yield from self._read_new_part(rel, fh, stat, old, settled, head_hash(fh, stat.st_size))
+            old, consumed = FileState(), hashlib.sha256()
+        yield from self._read_new_part(rel, fh, stat, old, settled, head_hash(fh, stat.st_size), consumed)
 
     @staticmethod
-    def _rewritten(old: FileState, fh: BinaryIO, stat: os.stat_result) -> bool:
-        """True when anything the last run consumed has changed: then it is imported again whole.
+    def _verified_prefix(old: FileState, fh: BinaryIO, stat: os.stat_result) -> Any | None:
+        """The digest of what the last run consumed, if that is unchanged (the new state's digest goes on
+        from it, so a grown file's prefix is read once); None when anything consumed has changed: then the
+        file is imported again whole.
 
         The digest of the whole consumed prefix catches a rewrite that keeps the first bytes (and
         the length); an entry written before that digest existed has none and is imported again too,
         which also moves its points to the path-based ids of :func:`stream_of`.
         """
         if stat.st_size < old.consumed or not old.prefix_hash:
-            return True
+            return None
         if old.head_hash != head_hash(fh, old.head_size)[0]:
-            return True  # cheap first: most rewrites change the head
-        return old.prefix_hash != prefix_hash(fh, old.consumed)
+            return None  # cheap first: most rewrites change the head
+        digest = hash_range(fh, 0, old.consumed, hashlib.sha256())
+        return digest if short_hex(digest) == old.prefix_hash else None
 
     @staticmethod
     def _unchanged(old: FileState, stat: os.stat_result, settled: bool) -> bool:
@@ -244,6 +256,7 @@ class FileReader:
         old: FileState,
         settled: bool,
         head: tuple[str, int],
+        consumed_digest: Any,
     ) -> Iterator[Item]:
         conversation, stream = stream_of(rel)
         sidechain = "/subagents/" in f"/{rel}"
@@ -287,7 +300,7 @@ class FileReader:
             mtime=stat.st_mtime,
             head_hash=digest,
             head_size=covered,
-            prefix_hash=prefix_hash(fh, report.consumed),
+            prefix_hash=self._consumed_hash(fh, old.consumed, report.consumed, consumed_digest),
             consumed=report.consumed,
             offset=chunker.tail_start,
             next_chunk=chunker.next_index,
@@ -298,6 +311,13 @@ class FileReader:
             status="partial" if report.partial else "done",
         )
         yield FileDone(rel, new_state, new_messages, report.consumed - old.consumed, skipped)
+
+    @staticmethod
+    def _consumed_hash(fh: BinaryIO, before: int, now: int, digest_before: Any) -> str:
+        """The digest of the bytes consumed up to ``now``, going on from that of the first ``before``."""
+        if now < before:  # never expected (a consumed record stays consumed); hash afresh rather than trust it
+            return prefix_hash(fh, now)
+        return short_hex(hash_range(fh, before, now, digest_before))
 
     def _item(self, chunk: Chunk, context: _ChunkContext) -> ChunkItem:
         return ChunkItem(
