@@ -244,7 +244,7 @@ class Importer:
         inbox: asyncio.Queue[Item | None],
         out: asyncio.Queue[tuple[list[Item], list[Any]] | None],
     ) -> None:
-        window = max(SORT_WINDOW, self.embedder.batch_size)
+        window = max(SORT_WINDOW, self.embedder.call_size)
         finished = False
         while not finished:
             items: list[Item] = []
@@ -271,14 +271,15 @@ class Importer:
         """Vectors for the chunk items, in order; None when a stop request came before the last batch.
 
         Texts go to the model sorted by length, so that each batch pads to a similar length (less
-        wasted work than padding short texts to long ones), one batch per call, so that a stop
-        request waits for one batch, not for the whole window.
+        wasted work than padding short texts to long ones), in calls of the embedder's ``call_size`` (one
+        batch per worker it runs side by side), so that a stop request waits for one call, not for the
+        whole window.
         """
         texts = [item.text for item in items if isinstance(item, ChunkItem)]
         if not texts:
             return []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        size = self.embedder.batch_size
+        size = self.embedder.call_size
         embedded: list[Any] = []
         for first in range(0, len(order), size):
             if self._stop.is_set():

@@ -17,8 +17,11 @@ class Embedder(Protocol):
     dimensions: int
     #: The longest chunk, in characters, the model really reads (longer text is truncated by the model).
     max_chars: int
-    #: How many texts one ``embed`` call should carry for the best speed at bounded memory.
+    #: How many texts the model takes at once (one batch) for the best speed at bounded memory.
     batch_size: int
+    #: How many texts one ``embed`` call should carry to keep the embedder busy: a batch for each of the
+    #: batches it runs side by side. Callers that split their work split it into calls of this size.
+    call_size: int
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Embed ``texts`` (documents), one vector per text, in order."""

@@ -72,6 +72,8 @@ class LocalEmbedder:
         # the graph's ~60 steps, and on a busy machine one of them is often descheduled.  Measured on
         # 100 chunks, 2 loaded cores, alternating: 23-32 s against 40-43 s for intra-op threads.
         self._batch_workers = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="embed-batch")
+        #: Texts per ``embed`` call: a full batch for each parallel worker, or one of them idles.
+        self.call_size = max(batch_size, 1) * max(threads, 1)
         # The caller's thread (the event loop's) only waits in this one: embedding never blocks the loop.
         self._owns_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-local")

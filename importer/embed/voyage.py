@@ -226,6 +226,8 @@ class VoyageEmbedder:
     #: 128 typical chunks (1-3k characters) make one or two requests under voyage-3-large's
     #: 120k-token cap, and the vectors of one call stay small (128 x 1024 floats).
     batch_size = 128
+    #: Requests go out one call at a time.
+    call_size = batch_size
 
     def __init__(
         self,
