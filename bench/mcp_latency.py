@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/mcp_latency.py --qdrant-path STORE [--calls 30]
 
-Starts ``python -m importer mcp`` twice, once opening the embedded store for each call (the default) and
-once with ``--hold-store``; calls ``search`` once to warm up, then ``--calls`` times with varied queries,
-and prints the median and 90th percentile of the round trip. Both in the same run, so their ratio holds on
-a loaded machine where the absolute numbers do not.
+Starts ``python -m importer mcp`` three times: at its defaults with calls in quick succession (the store
+stays open between them: it is released after 3 idle seconds), with ``--release-store-after 0`` (the store
+opened for every call, as a call after an idle pause finds it), and with ``--hold-store``. Each calls
+``search`` once to warm up, then ``--calls`` times with varied queries, and prints the median and 90th
+percentile of the round trip. All in the same run, so their ratios hold on a loaded machine where the
+absolute numbers do not.
 """
 
 from __future__ import annotations
@@ -30,8 +32,15 @@ QUERIES = (
 )
 
 
-async def round_trips(qdrant: Path, calls: int, hold_store: bool) -> list[float]:
-    args = ["-m", "importer", "mcp", "--qdrant-path", str(qdrant), *(["--hold-store"] if hold_store else [])]
+MODES = {
+    "defaults, calls in quick succession": [],
+    "store opened per call (--release-store-after 0)": ["--release-store-after", "0"],
+    "--hold-store": ["--hold-store"],
+}
+
+
+async def round_trips(qdrant: Path, calls: int, options: list[str]) -> list[float]:
+    args = ["-m", "importer", "mcp", "--qdrant-path", str(qdrant), *options]
     server = StdioServerParameters(command=sys.executable, args=args, cwd=REPO)
     async with stdio_client(server) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
@@ -57,11 +66,13 @@ def main() -> None:
     parser.add_argument("--qdrant-path", type=Path, required=True)
     parser.add_argument("--calls", type=int, default=30)
     args = parser.parse_args()
-    per_call = asyncio.run(round_trips(args.qdrant_path, args.calls, hold_store=False))
-    held = asyncio.run(round_trips(args.qdrant_path, args.calls, hold_store=True))
-    print(summary("store opened per call (default)", per_call))
-    print(summary("--hold-store", held))
-    print(f"ratio per-call / held (medians): {statistics.median(per_call) / statistics.median(held):.2f}")
+    medians = {}
+    for name, options in MODES.items():
+        seconds = asyncio.run(round_trips(args.qdrant_path, args.calls, options))
+        medians[name] = statistics.median(seconds)
+        print(summary(name, seconds))
+    held = medians["--hold-store"]
+    print("ratio to --hold-store (medians): " + ", ".join(f"{name} {m / held:.2f}" for name, m in medians.items()))
 
 
 if __name__ == "__main__":

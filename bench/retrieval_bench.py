@@ -157,7 +157,7 @@ def metrics(outcomes: list[Outcome]) -> dict[str, float]:
 async def evaluate(
     settings: Settings, config: Configuration, queries: list[Query]
 ) -> tuple[list[Outcome], list[float]]:
-    searcher = await Searcher.open(settings, hold_store=True)
+    searcher = await Searcher.open(settings)
     try:
         await config.search(searcher, "warm up", DEPTH)
         outcomes, seconds = [], []

@@ -18,6 +18,10 @@ from importer import settings as settings_module
 from importer.contract import ExitCode
 from importer.settings import SettingsError
 
+#: Seconds without a call after which the MCP server releases the embedded store: longer than the gaps
+#: between an assistant's searches on one question, well inside the time an import waits for a search (15 s).
+RELEASE_STORE_AFTER = 3.0
+
 if TYPE_CHECKING:
     from importer.search import ConversationMessage, Hit
 
@@ -70,9 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     mcp = commands.add_parser("mcp", help="serve search to Claude Code as an MCP server over stdio")
     settings_module.add_arguments(mcp)
     mcp.add_argument(
+        "--release-store-after",
+        type=float,
+        default=RELEASE_STORE_AFTER,
+        metavar="SECONDS",
+        help="close the embedded store after this many seconds without a call, so an import can open it "
+        "(an import waits for it meanwhile) [%(default)s]",
+    )
+    mcp.add_argument(
         "--hold-store",
         action="store_true",
-        help="keep the embedded store open between calls (faster; no import can run meanwhile)",
+        help="keep the embedded store open until the server stops (no import can run meanwhile)",
     )
     mcp.set_defaults(handler=_mcp)
 
@@ -203,7 +215,8 @@ def _one_line(message: ConversationMessage | None, width: int = 150) -> str:
 def _mcp(args: argparse.Namespace) -> int:
     from importer.mcp_server import serve
 
-    serve(settings_module.from_arguments(args), hold_store=args.hold_store)
+    idle_seconds = None if args.hold_store else max(args.release_store_after, 0.0)
+    serve(settings_module.from_arguments(args), idle_seconds=idle_seconds)
     return ExitCode.OK
 
 

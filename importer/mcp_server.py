@@ -2,9 +2,9 @@
 
 Two tools: ``search`` (the same search as ``python -m importer search``, same store and settings) and
 ``conversation`` (the messages around a hit, read from the session file under ``--source``). The query
-model is loaded once, when the server starts. The embedded store is opened for each call and released
-after it, so imports keep running beside the server (an embedded store admits one process at a time);
-``--hold-store`` keeps it open instead, for the last few milliseconds, while no import needs it.
+model is loaded once, when the server starts. An embedded store admits one process at a time, so the server
+opens it at a call and closes it after ``--release-store-after`` seconds without one: an assistant's searches
+in quick succession reuse it, and an import started meanwhile waits for it. ``--hold-store`` never releases it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ INSTRUCTIONS = (
 )
 
 
-def build_server(settings: Settings, *, hold_store: bool = False) -> MCPServer[Any]:
+def build_server(settings: Settings, *, idle_seconds: float | None) -> MCPServer[Any]:
     if settings.source is None and CLAUDE_PROJECTS.is_dir():
         settings.source = CLAUDE_PROJECTS
     searcher: Searcher | None = None
@@ -38,8 +38,8 @@ def build_server(settings: Settings, *, hold_store: bool = False) -> MCPServer[A
     async def lifespan(server: MCPServer[Any]) -> AsyncIterator[None]:
         nonlocal searcher
         # Loaded before the first call, so every search is warm.
-        # A server has no one-process lock: its connection is kept whatever ``hold_store`` says.
-        searcher = await Searcher.open(settings, hold_store=hold_store or settings.qdrant_path is None)
+        # ``idle_seconds`` None: the store stays open. A server has no one-process lock: its connection is kept.
+        searcher = await Searcher.open(settings, idle_seconds=idle_seconds if settings.qdrant_path else None)
         try:
             yield
         finally:
@@ -74,5 +74,5 @@ def _brief(hit: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in hit.items() if value not in ("", [], None)}
 
 
-def serve(settings: Settings, *, hold_store: bool = False) -> None:
-    build_server(settings, hold_store=hold_store).run("stdio")
+def serve(settings: Settings, *, idle_seconds: float | None) -> None:
+    build_server(settings, idle_seconds=idle_seconds).run("stdio")

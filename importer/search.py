@@ -168,46 +168,73 @@ def matches(hit: Hit, wanted: SearchFilter) -> bool:
 
 
 class Searcher:
-    """The query model loaded once; the store held open (``store`` given) or opened for each query.
+    """The query model loaded once; the store held open until :meth:`aclose`, or released when idle.
 
     An embedded store admits one process at a time, an import included: a long-lived searcher that held it
-    would make every import fail while it runs, so one without a ``store`` opens it for each query.
+    would make every import fail while it runs. So with ``idle_seconds`` the store is opened on demand and
+    closed once no query came for that long: queries in quick succession (an assistant searching several
+    times) reuse it, and an import that finds it held waits for it (see ``FolderLock``).
     """
 
-    def __init__(self, settings: Settings, model: QueryModel, *, store: Sink | None = None) -> None:
+    def __init__(self, settings: Settings, model: QueryModel, *, idle_seconds: float | None = None) -> None:
         self.settings = settings
         self._model = model
-        self._held = store
+        #: None: keep the store open until aclose().
+        self._idle_seconds = idle_seconds
+        self._store: Sink | None = None
+        self._using = asyncio.Lock()  # one query or release at a time touches the store
+        self._release: asyncio.TimerHandle | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def open(cls, settings: Settings, *, hold_store: bool = False) -> Searcher:
-        # The store first: a missing or busy store fails before the model is loaded.
-        store = open_store(settings) if hold_store else None
-        try:
-            return cls(settings, await _query_model(settings), store=store)
-        except BaseException:
-            if store is not None:
-                store.close()
-            raise
+    async def open(cls, settings: Settings, *, idle_seconds: float | None = None) -> Searcher:
+        """A searcher; with ``idle_seconds`` None the store is opened now, so a missing or busy store fails
+        before the model is loaded."""
+        searcher = cls(settings, await _query_model(settings), idle_seconds=idle_seconds)
+        if idle_seconds is None:
+            try:
+                searcher._store = open_store(settings)
+            except BaseException:
+                await searcher._model.aclose()
+                raise
+        return searcher
 
     async def search(self, query: str, *, limit: int = 5, wanted: SearchFilter | None = None) -> list[Hit]:
         wanted = wanted or SearchFilter()
-        # The store first: a missing or busy store fails before the query is embedded.
-        sink = self._held or open_store(self.settings)
-        try:
-            vector = await self._model.embed(query)
-            return await asyncio.to_thread(_search_collections, sink, vector, limit, wanted)
-        finally:
-            if sink is not self._held:
-                sink.close()
+        async with self._using:
+            if self._release is not None:
+                self._release.cancel()
+                self._release = None
+            try:
+                # The store first: a missing or busy store fails before the query is embedded. Opening may wait
+                # for another search holding it, so not on the event loop.
+                if self._store is None:
+                    self._store = await asyncio.to_thread(open_store, self.settings)
+                store = self._store
+                vector = await self._model.embed(query)
+                return await asyncio.to_thread(_search_collections, store, vector, limit, wanted)
+            finally:
+                if self._idle_seconds is not None:
+                    self._release = asyncio.get_running_loop().call_later(self._idle_seconds, self._release_soon)
+
+    def _release_soon(self) -> None:
+        task = asyncio.ensure_future(self._close_store())
+        self._releasing.add(task)  # a reference, or the task may be collected before it runs
+        task.add_done_callback(self._releasing.discard)
+
+    async def _close_store(self) -> None:
+        async with self._using:
+            store, self._store = self._store, None
+            if store is not None:
+                await asyncio.to_thread(store.close)
 
     async def aclose(self) -> None:
+        if self._release is not None:
+            self._release.cancel()
         try:
             await self._model.aclose()
         finally:
-            if self._held is not None:
-                self._held.close()
-                self._held = None
+            await self._close_store()
 
 
 def open_store(settings: Settings, *, for_writing: bool = False) -> Sink:
@@ -229,7 +256,7 @@ async def search(
 ) -> list[Hit]:
     """Top hits over every collection of this provider (or one project's); ``wanted``, if given, replaces
     ``project`` with all the filters."""
-    searcher = await Searcher.open(settings, hold_store=True)
+    searcher = await Searcher.open(settings)
     try:
         return await searcher.search(query, limit=limit, wanted=wanted or SearchFilter(project=project))
     finally:

@@ -35,6 +35,10 @@ LOCK_FILE = ".importer.lock"
 #: opened for reading (search) keeps every shard it touches open instead: a search visits them all, and
 #: reopening a shard costs 100-300 ms, far more than the query.
 MAX_OPEN_SHARDS = 2
+#: How long an opener waits for a search that holds the store (a command-line search takes about a second,
+#: the MCP server releases the store after a few idle seconds) before it gives up.
+SEARCH_WAIT_SECONDS = 15.0
+SEARCH_HOLDER = "a search"
 _SHARD_CONFIG = "edge_config.json"  # written by Edge in every shard folder
 _SCHEMAS = {"keyword": edge.PayloadSchemaType.Keyword, "datetime": edge.PayloadSchemaType.Datetime}
 
@@ -60,25 +64,38 @@ def to_edge_points(points: Sequence[Point]) -> list[Any]:
 
 
 class FolderLock:
-    """An exclusive, non-blocking lock on the store folder; the kernel drops it when the process dies."""
+    """An exclusive, non-blocking lock on the store folder; the kernel drops it when the process dies.
 
-    def __init__(self, folder: Path) -> None:
+    The holder writes who it is into the file. A search holds the store for a moment (the MCP server for a
+    few idle seconds), an import for as long as it runs: so whoever finds a search holding it waits up to
+    :data:`SEARCH_WAIT_SECONDS` for it, and whoever finds an import holding it fails at once.
+    """
+
+    def __init__(self, folder: Path, *, reading: bool = False) -> None:
         self.path = folder / LOCK_FILE
+        self.holder = f"pid {os.getpid()} ({SEARCH_HOLDER if reading else 'an import'})"
         self._fd: int | None = None
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise StoreBusy(
-                f"the embedded store {self.path.parent} is in use by {holder}: one process at a time may "
-                "open it (an import or a search); run again when it has finished"
-            ) from None
+        deadline = time.monotonic() + SEARCH_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                # An empty file: the holder has just locked it and not yet written its name.
+                if (not holder or holder.endswith(f"({SEARCH_HOLDER})")) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                raise StoreBusy(
+                    f"the embedded store {self.path.parent} is in use by {holder or 'another process'}: one "
+                    "process at a time may open it (an import or a search); run again when it has finished"
+                ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{self.holder}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
@@ -112,7 +129,7 @@ class EdgeStore:
             if not for_writing:
                 raise StoreMissing(f"the embedded store {path} does not exist (nothing has been imported there)")
             path.mkdir(parents=True)
-        lock = FolderLock(path)
+        lock = FolderLock(path, reading=not for_writing)
         lock.acquire()
         try:
             legacy.migrate_if_needed(path, for_writing=for_writing)

@@ -1,5 +1,6 @@
 """``python -m importer mcp`` spoken to by the MCP SDK's own client over stdio, against a store the real importer
-wrote; while it runs, an import into the same store still succeeds (the store is not held between calls)."""
+wrote; while it runs, an import into the same store still succeeds (it waits for the server to release the
+store, which it does after a few seconds without a call)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ async def test_search_and_conversation_tools_over_stdio(searchable_store: Any, t
         assert [m["in_hit"] for m in around] == [True] * 5 + [False]
         assert around[0]["text"] == BAKERY_FIRST and around[0]["timestamp"] == "2025-01-10T09:00:00Z"
 
-        # The server is between calls: an import into the same embedded store is not refused.
+        # The server holds the store for a few idle seconds after a call: an import waits for it, then runs.
         command = [sys.executable, "-m", "importer", "run", "--source", str(searchable_store.source)]
         command += ["--qdrant-path", str(searchable_store.qdrant), "--state-file", str(tmp_path / "state.json")]
         imported = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -8,13 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from importer.contract import ExitCode
-from importer.store import Point, all_points
+from importer.store import Point, StoreBusy, all_points
 from importer.store.edge import EdgeStore
 
 REPO = Path(__file__).resolve().parents[3]
@@ -86,6 +89,30 @@ def test_a_second_importer_on_the_same_folder_fails_at_once_with_a_clear_message
     assert second.returncode == ExitCode.FATAL
     assert "in use by pid" in second.stderr and str(os.getpid()) in second.stderr
     assert not (tmp_path / "s.json").exists()  # it stopped before reading anything
+
+
+def test_an_import_waits_for_a_search_holding_the_store_but_a_search_does_not_wait_for_an_import(
+    tmp_path: Path,
+) -> None:
+    EdgeStore.open(tmp_path / "q", suffix="local").close()
+    search = EdgeStore.open(tmp_path / "q", suffix="local", for_writing=False)
+    released = threading.Event()
+
+    def release_soon() -> None:
+        time.sleep(0.5)
+        released.set()
+        search.close()
+
+    releaser = threading.Thread(target=release_soon)
+    releaser.start()
+    importing = EdgeStore.open(tmp_path / "q", suffix="local")  # waits for the search instead of failing
+    releaser.join()
+    try:
+        assert released.is_set()
+        with pytest.raises(StoreBusy, match=rf"in use by pid {os.getpid()} \(an import\)"):
+            EdgeStore.open(tmp_path / "q", suffix="local", for_writing=False)
+    finally:
+        importing.close()
 
 
 def test_an_edge_shard_opened_elsewhere_is_a_clear_error_not_wouldblock(tmp_path: Path) -> None:
