@@ -76,6 +76,8 @@ class ImporterEnv(StrEnum):
     STATE_CONFIGMAP = "IMPORTER_STATE_CONFIGMAP"
     NAMESPACE = "IMPORTER_NAMESPACE"
     RUN_NAME = "IMPORTER_RUN_NAME"
+    #: The run this process is an attempt of: the same on every attempt of one run (the operator's run id).
+    RUN_ID = "IMPORTER_RUN_ID"
     SHARD_INDEX = "IMPORTER_SHARD_INDEX"
     SHARD_COUNT = "IMPORTER_SHARD_COUNT"
     BATCH_SIZE = "IMPORTER_BATCH_SIZE"
@@ -110,7 +112,8 @@ class _Lenient(BaseModel):
 
 
 class RunNumbers(_Lenient):
-    """What one importer process did: the numbers a person asks about after a run."""
+    """What one run of an importer shard did, over all its attempts (retries after an OOM kill or an error):
+    the numbers a person asks about after a run."""
 
     #: Files read (new or grown), files whose state was still current, files that failed.
     files_read: NonNegativeInt = 0
@@ -158,6 +161,8 @@ class ShardSummary(_Lenient):
     #: Pending, Running, Succeeded, Failed, MemoryBudget or Interrupted.
     phase: str = "Pending"
     updated_at: str = ""
+    #: The run whose numbers ``run`` holds ("" outside the operator): a retry of the same run goes on from them.
+    run_id: str = ""
     run: RunNumbers = Field(default_factory=RunNumbers)
 
     def to_json(self) -> dict[str, object]:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,10 +52,15 @@ class RunOptions:
     prune_deleted: bool = False
     #: After a stop request, how long what is in flight may take before it is abandoned.
     stop_seconds: float = 10.0
+    #: The run this process is an attempt of ("": a run of its own). Files it reads are stamped with it, and
+    #: what an earlier attempt of the same run stamped counts as this run's work (see ``run_numbers``).
+    run_id: str = ""
 
 
 @dataclass
 class RunStats:
+    """What this process (one attempt of a run) did."""
+
     files: int = 0
     unchanged: int = 0
     failed: int = 0
@@ -88,7 +93,7 @@ class RunStats:
         }
 
     def numbers(self, seconds: float) -> RunNumbers:
-        """This run's numbers as the summary publishes them."""
+        """This attempt's numbers (``Importer.run_numbers`` adds the earlier attempts' of the same run)."""
         return RunNumbers(
             files_read=self.files,
             files_unchanged=self.unchanged,
@@ -128,6 +133,12 @@ class Importer:
         self._peak = PeakRss()
         self._files: list[str] = []
         self._started = time.monotonic()
+        #: Files an earlier attempt of this run read (entries stamped with its id), not read again so far.
+        self._earlier: dict[str, FileState] = {}
+        #: What earlier attempts did to files this attempt read again (grown since, or failed then).
+        self._carried = RunNumbers()
+        #: Seconds the earlier attempts of this run took, as their last summary says.
+        self._seconds_before = 0.0
 
     def request_stop(self, reason: str) -> None:
         """Take no new file; what is in flight is finished and saved, within ``stop_seconds``.
@@ -145,6 +156,7 @@ class Importer:
         found: Counter[str] = Counter()
         files = self._files = discover(self.root, self.options.shard_index, self.options.shard_count, found)
         self.stats.skipped.update(found)
+        self._take_over_earlier_attempts(files)
         if self.progress is not None:
             self.progress.reset(total=len(files))
         to_embed: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=2 * SORT_WINDOW)
@@ -161,6 +173,17 @@ class Importer:
             self.stats.peak_rss_mb = max(self._peak.peak, self._peak.sample()) / 2**20
             await self._checkpoint(phase=self._final_phase(), force=True)
         return self.stats
+
+    def _take_over_earlier_attempts(self, files: list[str]) -> None:
+        """After an OOM kill or an error the operator starts the same run again: what its earlier attempts
+        saved is this run's work, so that the run's numbers cover all its attempts."""
+        run_id = self.options.run_id
+        if not run_id:
+            return
+        self._earlier = {rel: s for rel in files if (s := self.state.get(rel)) is not None and s.run_id == run_id}
+        saved = self.store.saved_summary()
+        if saved is not None and saved.run_id == run_id:
+            self._seconds_before = saved.run.seconds
 
     async def _until_done_or_abandoned(self, stages: list[asyncio.Task[None]]) -> None:
         """Run the stages to their end, or until a stop request has waited ``stop_seconds`` (or a
@@ -325,15 +348,17 @@ class Importer:
         if self.progress is not None:
             self.progress.update(1)
         if done.outcome == "unchanged":
-            self.stats.unchanged += 1
+            # Unless an earlier attempt of this run read it: then it counts with that attempt's work.
+            self.stats.unchanged += done.source not in self._earlier
             return
         if done.outcome == "pruned":
             self.state.pop(done.source, None)
             self._dirty[done.source] = done.state
             self.stats.pruned += 1
             return
-        self.state[done.source] = done.state
-        self._dirty[done.source] = done.state
+        state = self._stamped(done)
+        self.state[done.source] = state
+        self._dirty[done.source] = state
         self.stats.unchanged += done.outcome == "adopted"
         self.stats.failed += done.outcome == "failed"
         self.stats.files += done.outcome == "read"
@@ -342,6 +367,33 @@ class Importer:
         self.stats.skipped.update(done.skipped)
         self._watch_memory()
         await self._checkpoint(phase="Running")
+
+    def _stamped(self, done: FileDone) -> FileState:
+        """The file's new state, stamped as read by this run with what the run did to it over its attempts.
+
+        A file an earlier attempt read and this one reads again counts once: its earlier numbers move from
+        ``_earlier`` into ``_carried`` and this attempt's stats count the file."""
+        run_id = self.options.run_id
+        if not run_id or done.outcome not in ("read", "failed"):
+            return done.state  # adopted: the older importer's work, unchanged for this run
+        earlier = self._earlier.pop(done.source, None)
+        before = run_numbers_of(earlier) if earlier is not None else RunNumbers()
+        self._carried += before.model_copy(update={"files_read": 0, "files_failed": 0})
+        skipped = Counter(before.skipped) + done.skipped
+        return replace(
+            done.state,
+            run_id=run_id,
+            run_messages=before.messages + done.new_messages,
+            run_chunks=before.chunks + done.chunks,
+            run_skipped=dict(sorted(skipped.items())),
+        )
+
+    def run_numbers(self) -> RunNumbers:
+        """This run's numbers over all its attempts: this attempt's, plus the saved work of the earlier ones."""
+        numbers = self.stats.numbers(self._seconds_before + time.monotonic() - self._started) + self._carried
+        for state in self._earlier.values():
+            numbers += run_numbers_of(state)
+        return numbers
 
     def _watch_memory(self) -> None:
         now = time.monotonic()
@@ -378,8 +430,21 @@ class Importer:
             bytes=sum(s.consumed for s in mine),
             phase=phase,
             updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            run=self.stats.numbers(time.monotonic() - self._started),
+            run_id=self.options.run_id,
+            run=self.run_numbers(),
         )
+
+
+def run_numbers_of(state: FileState) -> RunNumbers:
+    """What the run that stamped ``state`` did to its file, over that run's attempts."""
+    failed = state.status == "failed"
+    return RunNumbers(
+        files_read=int(not failed),
+        files_failed=int(failed),
+        messages=state.run_messages,
+        chunks=state.run_chunks,
+        skipped=dict(state.run_skipped),
+    )
 
 
 T = TypeVar("T")

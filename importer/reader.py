@@ -62,6 +62,8 @@ class FileDone:
     #: read: new records were read; unchanged: nothing to do; adopted: taken over from the older
     #: importer's state without reading; failed: the file could not be read.
     outcome: str = "read"
+    #: Chunks yielded for the file before this marker (to be written with it).
+    chunks: int = 0
 
 
 Item = ChunkItem | DeleteFile | FileDone
@@ -267,7 +269,7 @@ class FileReader:
             max_messages=self.limits.chunk_messages,
             max_chars=self.limits.max_chunk_chars,
         )
-        project, branch, new_messages = old.project, "", 0
+        project, branch, new_messages, chunks = old.project, "", 0, 0
         messages = read_messages(
             fh,
             old.offset,
@@ -283,9 +285,11 @@ class FileReader:
             new_messages += bool(message.text) and message.start >= old.consumed
             context = _ChunkContext(rel, conversation, stream, project, branch, sidechain)
             for chunk in chunker.feed([message]):
+                chunks += 1
                 yield self._item(chunk, context)
         tail = chunker.tail
         if tail is not None:
+            chunks += 1
             yield self._item(tail, _ChunkContext(rel, conversation, stream, project, branch, sidechain))
         digest, covered = head
         skipped = Counter({k: v for k, v in report.skipped.items()})
@@ -310,7 +314,7 @@ class FileReader:
             skipped=dict(total_skipped),
             status="partial" if report.partial else "done",
         )
-        yield FileDone(rel, new_state, new_messages, report.consumed - old.consumed, skipped)
+        yield FileDone(rel, new_state, new_messages, report.consumed - old.consumed, skipped, chunks=chunks)
 
     @staticmethod
     def _consumed_hash(fh: BinaryIO, before: int, now: int, digest_before: Any) -> str:

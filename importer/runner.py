@@ -76,6 +76,7 @@ def run_options(settings: Settings, embedder: Embedder) -> RunOptions:
         shard_count=settings.shard_count,
         prune_deleted=settings.prune_deleted,
         stop_seconds=settings.stop_seconds,
+        run_id=settings.run_id,
     )
 
 

@@ -29,6 +29,7 @@ class Settings:
     state_configmap: str | None = None
     namespace: str | None = None
     run_name: str = ""
+    run_id: str = ""
     shard_index: int = 0
     shard_count: int = 1
     #: 8 texts per call: as fast per CPU-second as 32 on 2 cores, and the model's activations peak at
@@ -102,6 +103,7 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "state_configmap": (str, "state in ConfigMaps named <this>-0, <this>-1, ... (Jobs)"),
     "namespace": (str, "namespace of the state ConfigMaps"),
     "run_name": (str, "the ImportRun this run belongs to (labels on the state ConfigMaps)"),
+    "run_id": (str, "the run this process is an attempt of: work stamped with it counts as this run's, not unchanged"),
     "shard_index": (int, "this shard's index: files are split by a stable hash of their path"),
     "shard_count": (int, "number of shards"),
     "batch_size": (int, "texts per embedding call (small keeps memory flat)"),

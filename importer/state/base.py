@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from importer.contract import ShardSummary
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,13 @@ class FileState:
     #: "done", "partial" (an incomplete last line waits for the writer) or "failed".
     status: str = "done"
     error: str = ""
+    #: The run that last read this file ("" outside the operator, and in entries saved before runs had ids),
+    #: and what that run did to it over its attempts: a retry of the same run finds the file unchanged but
+    #: counts it as its own work, not as unchanged (``importer.contract.RunNumbers``).
+    run_id: str = ""
+    run_messages: int = 0
+    run_chunks: int = 0
+    run_skipped: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +100,17 @@ def _checked(name: str, value: Any, default: Any) -> Any:
     return value
 
 
+def read_summary(raw: Any) -> ShardSummary | None:
+    """A saved summary, or None when there is none or it cannot be understood (it only carries numbers on)."""
+    if raw is None:
+        return None
+    try:
+        return ShardSummary.model_validate(raw)
+    except ValidationError as error:
+        log.warning("saved summary ignored", extra={"error": str(error)})
+        return None
+
+
 def read_entries(raw: Mapping[str, Any]) -> dict[str, FileState]:
     """Saved entries by path; one that cannot be understood is dropped with a warning (its file is then
     imported again), never trusted. Both state backends read through here."""
@@ -108,6 +128,10 @@ class StateStore(Protocol):
 
     def load(self) -> dict[str, FileState]:
         """Everything saved so far, keyed by the file's path relative to the source root."""
+        ...
+
+    def saved_summary(self) -> ShardSummary | None:
+        """This shard's summary as the last ``load`` found it; None when there was none (or an unreadable one)."""
         ...
 
     def save(self, files: dict[str, FileState], summary: ShardSummary) -> None:

@@ -68,7 +68,7 @@ from importer.contract import (
     ShardSummary,
     summary_key,
 )
-from importer.state.base import FileState, read_entries
+from importer.state.base import FileState, read_entries, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +270,8 @@ class ConfigMapStateStore:
         #: so a lone writer uploads a bucket without downloading it again first.
         self._cache: dict[int, client.V1ConfigMap] = {}
         self._owner_references: list[client.V1OwnerReference] = []
+        #: This shard's summary in ``<base>-0`` as the last load found it (raw JSON).
+        self._saved_summary: Any = None
 
     @classmethod
     def from_environment(cls, name: str, namespace: str, **kwargs: Any) -> ConfigMapStateStore:
@@ -300,6 +302,9 @@ class ConfigMapStateStore:
                 raise StateLoadError(f"ConfigMap state {self.namespace}/{self.name}: {error}") from error
         return read_entries(raw)
 
+    def saved_summary(self) -> ShardSummary | None:
+        return read_summary(self._saved_summary)
+
     def save(self, files: dict[str, FileState], summary: ShardSummary) -> None:
         """Merge ``files`` (the entries changed since the last save) into their buckets and replace this
         shard's summary in ``<base>-0``. Raises :class:`StateSaveError` when that cannot be done."""
@@ -318,6 +323,7 @@ class ConfigMapStateStore:
         entries: dict[str, Any] = {}
         count = 1
         index = 0
+        self._saved_summary = None
         # Ascending order: a bucket emptied by a concurrent growth is marked before it is emptied, so we then
         # see the larger count and go on to read the higher buckets its entries were copied to.
         while index < count:
@@ -327,6 +333,7 @@ class ConfigMapStateStore:
                 entries.update(_entries_of(cm))
                 if index == 0:
                     self._note_bucket0(cm)
+                    self._saved_summary = _summaries_of(cm).get(summary_key(self.shard_index))
             index += 1
         self._count = max(self._count, count)
         return entries

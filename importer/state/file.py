@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from importer.contract import ShardSummary
-from importer.state.base import DELETED, LEGACY, BadEntry, FileState, read_entries
+from importer.state.base import DELETED, LEGACY, BadEntry, FileState, read_entries, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class FileStateStore:
         self.path = path
         self.source_root = source_root
         self._files: dict[str, FileState] = {}
+        self._summary: ShardSummary | None = None
         # A checkpoint abandoned by a stopping run may still be saving when the final one starts.
         self._lock = threading.Lock()
 
@@ -52,6 +53,7 @@ class FileStateStore:
             data = json.loads(raw)
             if isinstance(data, dict) and data.get("format") == FORMAT:
                 self._files = read_current(data)
+                self._summary = read_summary(data.get("summary"))
                 return dict(self._files)
             self._files = read_legacy(data, self.source_root)
         except (UnreadableState, ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
@@ -67,6 +69,9 @@ class FileStateStore:
             "state file unreadable: moved aside, every file is imported again",
             extra={"state_file": str(self.path), "moved_to": str(aside), "error": str(error)},
         )
+
+    def saved_summary(self) -> ShardSummary | None:
+        return self._summary
 
     def save(self, files: dict[str, FileState], summary: ShardSummary) -> None:
         with self._lock:

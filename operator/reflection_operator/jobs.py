@@ -213,6 +213,8 @@ def _environment(spec: ImportRunSpec, request: JobRequest, settings: Settings) -
         _value(ImporterEnv.STATE_CONFIGMAP, state_configmap_base(request.owner.name)),
         {"name": str(ImporterEnv.NAMESPACE), "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         _value(ImporterEnv.RUN_NAME, request.owner.name),
+        # The same on every attempt of the run: the importer counts what earlier attempts did as this run's.
+        _value(ImporterEnv.RUN_ID, request.run_id),
         _value(ImporterEnv.SHARD_INDEX, str(request.shard)),
         _value(ImporterEnv.SHARD_COUNT, str(request.shard_count)),
         {

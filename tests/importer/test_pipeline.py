@@ -8,13 +8,14 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from importer.contract import ShardSummary
+from importer.contract import RunNumbers, ShardSummary
 from importer.pipeline import Importer, RunOptions
 from importer.reader import discover
 from importer.runner import make_embedder, make_sink
@@ -253,6 +254,38 @@ async def test_memory_budget_stops_with_state_saved_and_a_rerun_finishes(
     finished = await run(run_settings(root, tmp_path))
     assert finished.unchanged == len(saved)
     assert sum(s.messages for s in saved_state(settings).values()) == manifest["text_messages"]
+
+
+async def test_a_run_retried_after_its_memory_budget_counts_every_attempt_as_one_run(
+    make_corpus: Corpus, model_dir: Path, tmp_path: Path
+) -> None:
+    """The operator starts the same run again after an OOM kill: files the first attempt finished are this
+    run's work, not unchanged, and the run's numbers equal one attempt's over the same tree."""
+    root, manifest = make_corpus(files=40, profile="small", seed=17, faults=True)
+    once = run_settings(root, tmp_path / "once", max_line_bytes=1 << 20, run_id="100")
+    await run(once)
+    expected = _summary(once).run
+
+    retried = run_settings(root, tmp_path / "retried", max_line_bytes=1 << 20, run_id="200")
+    stopped = await run(replace(retried, memory_limit=100 << 20, memory_fraction=0.5))
+    assert stopped.stopped == "memory" and 1 <= stopped.files < len(manifest["entries"])
+    first_seconds = _summary(retried).run.seconds
+    second = await run(retried)
+    # The second attempt reads only what the first left, and finds nothing unchanged: the rest is the run's.
+    assert second.unchanged == 0 and second.files < len(manifest["entries"])
+    run_numbers = _summary(retried).run
+    assert run_numbers.model_dump(exclude={"seconds"}) == expected.model_dump(exclude={"seconds"})
+    assert (run_numbers.files_read, run_numbers.files_unchanged) == (len(manifest["entries"]), 0)
+    assert run_numbers.messages == sum(s.messages for s in saved_state(retried).values())
+    assert run_numbers.chunks == _points(retried)
+    assert run_numbers.skipped and run_numbers.seconds > first_seconds
+
+    # The next run is another: everything is unchanged for it.
+    await run(replace(retried, run_id="300"))
+    assert _summary(retried).run.model_dump(exclude={"seconds"}) == {
+        **RunNumbers().model_dump(exclude={"seconds"}),
+        "files_unchanged": len(manifest["entries"]),
+    }
 
 
 class SinkWhoseSecondUpsertHangs:

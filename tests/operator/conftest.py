@@ -172,16 +172,26 @@ REPO = Path(__file__).resolve().parents[2]
 MAKE_CORPUS = Path(os.environ.get("REFLECTION_SHARED", REPO.parent / "shared")) / "corpus" / "make_corpus.py"
 
 
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """A generated conversation tree (read-only source for several tests) and its manifest."""
-    out = tmp_path_factory.mktemp("operator-corpus") / "projects"
+def _corpus(tmp_path_factory: pytest.TempPathFactory, files: int) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp(f"operator-corpus-{files}") / "projects"
     subprocess.run(
-        [sys.executable, str(MAKE_CORPUS), str(out), "--files", "8", "--profile", "small"],
+        [sys.executable, str(MAKE_CORPUS), str(out), "--files", str(files), "--profile", "small"],
         check=True,
         capture_output=True,
     )
     return out, json.loads((out / "MANIFEST.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A generated conversation tree (read-only source for several tests) and its manifest."""
+    return _corpus(tmp_path_factory, 8)
+
+
+@pytest.fixture(scope="session")
+def forty_file_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A tree more than one embedding window long: a run stopped at its first checkpoint has files left."""
+    return _corpus(tmp_path_factory, 40)
 
 
 class Kubectl:

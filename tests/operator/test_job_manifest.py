@@ -87,6 +87,17 @@ def test_environment_follows_the_importers_contract(make_world, request_for):
     assert "IMPORTER_QDRANT_PATH" not in env and "VOYAGE_API_KEY" not in env
 
 
+def test_every_attempt_of_a_run_gets_the_runs_id(make_world, request_for):
+    """The importer counts what an earlier attempt of the same run saved as this run's work."""
+    raw = make_world.base_spec()
+    spec, _ = parse_spec(raw, SETTINGS)
+    assert spec is not None
+    first, retry = (build_job(spec, raw, request_for(attempt=n), SETTINGS) for n in (1, 2))
+    assert env_of(first)["IMPORTER_RUN_ID"] == env_of(retry)["IMPORTER_RUN_ID"]
+    assert env_of(retry)["IMPORTER_RUN_ID"] == retry["metadata"]["labels"]["reflection.dev/run-id"]
+    assert first["metadata"]["name"] != retry["metadata"]["name"]
+
+
 def test_secrets_are_references_and_an_embedded_store_gets_its_volume(make_world, request_for):
     job = make(
         make_world,

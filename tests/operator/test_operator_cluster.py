@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 from kubernetes import client
 
@@ -132,6 +133,58 @@ def test_an_oom_killed_importer_is_retried_with_more_memory(
     assert status["chunks"] == qdrant_points(kube_cluster.pvc_dir(k8s.namespace, "qdrant-oom") / "store")
     first = [j for j in k8s.jobs("oom") if j["metadata"]["labels"]["reflection.dev/attempt"] == "1"]
     assert first[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "300Mi"
+
+
+def _run_succeeded_sentence(k8s, importrun: str) -> str:
+    """The RunSucceeded Event's numbers of this run, up to its seconds (which differ from run to run)."""
+    (message,) = [e["message"] for e in k8s.events(importrun) if e["reason"] == "RunSucceeded"]
+    return re.sub(r", \d+s importing.*", "", message)
+
+
+def _import_ended(kube_cluster, namespace: str, pod: str) -> dict:
+    """The importer's last log line ("import ended": what that process did)."""
+    log = kube_cluster.pod_log(namespace, pod, "importer")
+    assert log is not None, f"no log of {pod}"
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return next(line for line in lines if line.get("message") == "import ended")
+
+
+def test_a_run_stopped_mid_way_and_retried_reports_the_numbers_of_one_attempt(
+    k8s, run_operator, forty_file_corpus, kube_cluster, embedded_importrun, claim, qdrant_points
+):
+    """The first attempt stops over its memory budget (a tenth of 1Gi: less than the model) at its first
+    checkpoint, with files left; the retry with 10Gi finishes. Its run's numbers are those of a one-attempt run
+    over the same tree: every file read, none unchanged, every message."""
+    source, manifest = forty_file_corpus
+    retry = {"factor": 10, "maxMemory": "10Gi", "maxAttempts": 2}
+    k8s.apply(
+        claim("qdrant-once"),
+        claim("qdrant-retried"),
+        embedded_importrun("once", source),
+        embedded_importrun(
+            "retried", source, memoryRetry=retry, tuning={"operationalMemoryFraction": 0.1, "checkpointSeconds": 0.5}
+        ),
+    )
+    with run_operator(k8s.namespace):
+        once = k8s.wait_phase("once", "Succeeded", "Failed", timeout=420)
+        retried = k8s.wait_phase("retried", "Succeeded", "Failed", timeout=420)
+    assert once["phase"] == "Succeeded", once.get("lastFailure", once)
+    assert retried["phase"] == "Succeeded", retried.get("lastFailure", retried)
+    assert (retried["attempt"], retried["lastFailure"]["reason"]) == (2, "MemoryBudgetExceeded")
+    (first_pod,) = k8s.get("pods", selector="reflection.dev/importrun=retried,reflection.dev/attempt=1")
+    first = _import_ended(kube_cluster, k8s.namespace, first_pod["metadata"]["name"])
+    files = manifest_files(manifest)
+    assert first["stopped"] == "memory" and 1 <= first["files"] < files, first
+
+    numbers = retried["runNumbers"]
+    assert (numbers["filesRead"], numbers["filesUnchanged"], numbers["filesFailed"]) == (files, 0, 0)
+    assert numbers["messages"] == manifest["text_messages"]
+    store = kube_cluster.pvc_dir(k8s.namespace, "qdrant-retried") / "store"
+    assert numbers["chunks"] == retried["chunks"] == qdrant_points(store)
+    assert numbers["seconds"] > first["seconds"]  # both attempts' seconds
+    assert {**numbers, "seconds": 0} == {**once["runNumbers"], "seconds": 0}
+    assert retried["progress"] == once["progress"] == f"{files}/{files}"
+    assert _run_succeeded_sentence(k8s, "retried") == _run_succeeded_sentence(k8s, "once")
 
 
 def test_failures_retry_then_fail_with_the_pods_last_log_lines(k8s, run_operator, small_corpus):

@@ -259,6 +259,22 @@ def test_two_shards_with_forced_conflicts_lose_nothing(kube_api: client.ApiClien
 
 
 @pytest.mark.cluster
+def test_each_shards_next_attempt_finds_its_own_summary(kube_api: client.ApiClient, namespace: str) -> None:
+    api = core(kube_api)
+    files = make_files(20, seed=3)
+    for shard in (0, 1):
+        summary = summary_of(files, phase=f"Shard{shard}").model_copy(update={"run_id": "1767607200"})
+        ConfigMapStateStore("sum", namespace, shard_index=shard, api=api).save(files, summary)
+    for shard in (0, 1):
+        again = ConfigMapStateStore("sum", namespace, shard_index=shard, api=api)
+        assert again.saved_summary() is None  # nothing loaded yet
+        assert again.load() == files
+        saved = again.saved_summary()
+        assert saved is not None and (saved.phase, saved.run_id) == (f"Shard{shard}", "1767607200")
+    assert ConfigMapStateStore("none", namespace, api=api).load() == {}
+
+
+@pytest.mark.cluster
 def test_a_stale_writer_follows_a_growth_by_another(kube_api: client.ApiClient, namespace: str) -> None:
     api = core(kube_api)
     small = 4 * 1024  # a few dozen entries per bucket, so growth is cheap to provoke

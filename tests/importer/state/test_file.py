@@ -7,11 +7,12 @@ import logging
 import os
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from importer.contract import ShardSummary
+from importer.contract import RunNumbers, ShardSummary
 from importer.state.base import LEGACY, FileState
 from importer.state.file import FORMAT, FileStateStore
 
@@ -80,6 +81,28 @@ def test_an_older_entry_that_cannot_be_trusted_is_dropped(value: object, tmp_pat
     path.write_text(json.dumps({"/logs/-p/bad.jsonl": value, "/logs/-p/good.jsonl": {"last_modified": 5.0}}))
     assert list(FileStateStore(path, source_root=Path("/logs")).load()) == ["-p/good.jsonl"]
     assert FileStateStore(path).load()["-p/good.jsonl"].status == LEGACY
+
+
+def test_entries_saved_before_runs_had_ids_read_as_no_runs_work(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    unstamped = {k: v for k, v in GOOD.to_json().items() if not k.startswith("run_")}
+    path.write_text(_current({"a.jsonl": unstamped}))
+    store = FileStateStore(path)
+    assert store.load() == {"a.jsonl": GOOD} and GOOD.run_id == ""
+    assert store.saved_summary() == ShardSummary()
+
+
+def test_the_summary_saved_last_is_there_for_the_next_attempt(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    stamped = replace(GOOD, run_id="1767607200", run_messages=4, run_chunks=2, run_skipped={"bad_json": 1})
+    summary = ShardSummary(phase="MemoryBudget", run_id="1767607200", run=RunNumbers(files_read=1, seconds=7.5))
+    FileStateStore(path).save({"a.jsonl": stamped}, summary)
+    again = FileStateStore(path)
+    assert again.saved_summary() is None  # nothing loaded yet
+    assert again.load() == {"a.jsonl": stamped} and again.saved_summary() == summary
+    path.write_text(json.dumps({"format": FORMAT, "summary": {"phase": 3}, "files": {}}))
+    unreadable = FileStateStore(path)
+    assert unreadable.load() == {} and unreadable.saved_summary() is None  # numbers only: not worth failing for
 
 
 def test_a_save_keeps_the_files_mode(tmp_path: Path) -> None:
