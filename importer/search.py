@@ -303,7 +303,7 @@ def _ranked(sink: Sink, names: list[str], request: StoreQuery) -> list[ScoredPay
         dense.extend(first)
         lexical.extend(hit for ranking in rest for hit in ranking)
     dense.sort(key=lambda hit: hit.score, reverse=True)
-    if request.lexical is None:
+    if not lexical:  # by meaning only: asked so, or no collection keeps the lexical vector
         return dense[: request.limit]
     lexical.sort(key=lambda hit: hit.score, reverse=True)
     return fuse([dense[: request.candidates], lexical[: request.candidates]], request.limit)

@@ -267,11 +267,12 @@ class EdgeStore:
     def _note_lexical(self, collection: str) -> None:
         if collection in self._lexical:
             return
+        warned = not all(self._lexical.values())  # once per store, not per collection
         self._lexical[collection] = has_lexical(self.path / collection)
-        if not self._lexical[collection]:
+        if not self._lexical[collection] and not warned:
             log.warning(
-                "this collection was made before the lexical vector existed: it is searched by meaning only, "
-                "and its new points get no lexical vector; to add it, import again into a new store",
+                "collections made before the lexical vector existed (this one, maybe others) are searched by "
+                "meaning only, and their new points get no lexical vector; to add it, import again into a new store",
                 extra={"collection": collection, "store": str(self.path)},
             )
 
