@@ -1,11 +1,13 @@
 """Retrieval benchmark: how often search finds the session, and the moment, a labelled query is after.
 
-    .venv/bin/python bench/retrieval_bench.py                       # ../shared/corpus/real-eval, all configurations
-    .venv/bin/python bench/retrieval_bench.py CORPUS --configs current --json
+    .venv/bin/python bench/retrieval_bench.py              # ../shared/corpus/real-eval: before, dense, hybrid
+    .venv/bin/python bench/retrieval_bench.py CORPUS --configs dense,hybrid,1-message --json
 
-For each configuration: import the corpus's sessions with the real importer (``python -m importer run``)
-into a temporary embedded store, run every query of ``queries.jsonl`` through the project's search
-(:class:`importer.search.Searcher`, the model kept loaded as the MCP server keeps it), and score the top 10:
+For each configuration: import the corpus's sessions with the real importer (``python -m importer run``;
+for ``before``, the importer of the ``--baseline`` commit, default main) into a temporary embedded store
+(configurations with the same importer and options share one import), run every query of ``queries.jsonl``
+through the project's search (:class:`importer.search.Searcher`, the model kept loaded as the MCP server
+keeps it), and score the top 10:
 
 - session@1 and MRR@10: the first hit from a relevant session; a session is relevant when one of its
   user/assistant messages holds ``target_text`` (normally just ``session_file``; a resumed session that
@@ -48,6 +50,10 @@ Search = Callable[[Searcher, str, int], Awaitable[list[Hit]]]
 
 
 async def dense_search(searcher: Searcher, query: str, limit: int) -> list[Hit]:
+    return await searcher.search(query, limit=limit, lexical=False)
+
+
+async def hybrid_search(searcher: Searcher, query: str, limit: int) -> list[Hit]:
     return await searcher.search(query, limit=limit)
 
 
@@ -57,14 +63,19 @@ class Configuration:
     description: str
     #: Extra options of ``python -m importer run``.
     import_options: tuple[str, ...] = ()
-    search: Search = dense_search
+    search: Search = hybrid_search
+    #: Imported by the importer of ``--baseline`` (a commit of this repository), not this checkout's.
+    baseline: bool = False
 
 
-#: The default run compares the first two; name others with --configs.
+#: The default run compares the first three; name others with --configs. Configurations with the same import
+#: options share one import.
 CONFIGURATIONS = (
-    Configuration("current", "the importer's defaults: up to 5 messages per chunk, dense search"),
-    Configuration("1-message", "one message per chunk, dense search", ("--chunk-messages", "1")),
-    Configuration("2-messages", "up to 2 messages per chunk, dense search", ("--chunk-messages", "2")),
+    Configuration("before", "the --baseline importer and dense search", search=dense_search, baseline=True),
+    Configuration("dense", "this importer, dense search", search=dense_search),
+    Configuration("hybrid", "up to 5 messages per chunk, dense + BM25 fused by RRF (the default)"),
+    Configuration("1-message", "one message per chunk, hybrid", ("--chunk-messages", "1")),
+    Configuration("2-messages", "up to 2 messages per chunk, hybrid", ("--chunk-messages", "2")),
 )
 
 
@@ -127,10 +138,19 @@ def link_sessions(corpus: Path, tree: Path) -> None:
         (tree / rel).symlink_to(corpus / rel)
 
 
-def run_import(tree: Path, work: Path, config: Configuration) -> dict[str, Any]:
+def checkout(commit: str, folder: Path) -> Path:
+    """The files of ``commit`` in ``folder`` (once): its importer runs from there with this venv."""
+    if not folder.exists():
+        folder.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
+def run_import(tree: Path, work: Path, config: Configuration, source: Path = REPO) -> dict[str, Any]:
     command = [sys.executable, "-m", "importer", "run", "--source", str(tree), "--qdrant-path", str(work / "q")]
     command += ["--state-file", str(work / "state.json"), "--json", "--no-progress", *config.import_options]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, cwd=source, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"import failed ({done.returncode}): {done.stderr[-2000:]}")
     summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -171,13 +191,16 @@ async def evaluate(
         await searcher.aclose()
 
 
-def measure(corpus: Path, config: Configuration, queries: list[Query], work: Path) -> dict[str, Any]:
+def measure(corpus: Path, config: Configuration, queries: list[Query], work: Path, baseline: str) -> dict[str, Any]:
     tree = work / "sessions"
     if not tree.exists():
         link_sessions(corpus, tree)
-    store = work / config.name
-    store.mkdir()
-    summary = run_import(tree, store, config)
+    store = work / ("import-" + (baseline if config.baseline else "this") + "".join(config.import_options))
+    if not (store / "summary.json").exists():
+        source = checkout(baseline, work / f"checkout-{baseline}") if config.baseline else REPO
+        store.mkdir()
+        (store / "summary.json").write_text(json.dumps(run_import(tree, store, config, source)))
+    summary = json.loads((store / "summary.json").read_text())
     settings = Settings(qdrant_path=store / "q")
     outcomes, seconds = asyncio.run(evaluate(settings, config, queries))
     by_kind: dict[str, list[Outcome]] = defaultdict(list)
@@ -223,14 +246,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", type=Path, nargs="?", default=DEFAULT_CORPUS, help=f"default {DEFAULT_CORPUS}")
     names = [c.name for c in CONFIGURATIONS]
-    parser.add_argument("--configs", default=",".join(names[:2]), help=f"comma-separated, of {names}")
+    parser.add_argument("--configs", default=",".join(names[:3]), help=f"comma-separated, of {names}")
+    parser.add_argument("--baseline", default="main", help="the commit whose importer 'before' uses (default main)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     chosen = [c for c in CONFIGURATIONS if c.name in args.configs.split(",")]
     queries = load_queries(args.corpus)
     mark_relevant(args.corpus, queries)
     with tempfile.TemporaryDirectory(prefix="retrieval-bench-") as work:
-        results = [measure(args.corpus.resolve(), config, queries, Path(work)) for config in chosen]
+        results = [measure(args.corpus.resolve(), config, queries, Path(work), args.baseline) for config in chosen]
     print(json.dumps(results, indent=2) if args.json else table(results))
 
 

@@ -18,16 +18,20 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from importer.chunk import ROLE_LABELS, Chunker
+from importer.lexical import query_vector
 from importer.parse import ParseReport, read_messages
 from importer.settings import Settings, SettingsError
-from importer.store import ScoredPayload, Sink, open_sink
+from importer.store import ScoredPayload, Sink, StoreQuery, fuse, open_sink
 
 if TYPE_CHECKING:
     from importer.embed.base import Embedder
 
-#: With a filter the store cannot apply (time, role), each collection is asked for this many times the
-#: hits wanted, and the filter is applied to those: the store's query takes no payload filter yet.
+#: With a filter the store cannot apply (role), each collection is asked for this many times the hits
+#: wanted, and the filter is applied to those. Time is filtered by the store itself.
 FILTER_OVERFETCH = 10
+#: Each ranking (dense, lexical) puts at least this many candidates into the fusion: a moment ranked 30th by
+#: meaning and 2nd by its words must still reach the top.
+FUSION_CANDIDATES = 50
 _LABELS = {label: role for role, label in ROLE_LABELS.items()}
 #: Where a chunk's next message starts: the chunker joins labelled messages with a blank line.
 _MESSAGE_START = re.compile(r"(?:\A|\n\n)(" + "|".join(_LABELS) + r"): ")
@@ -47,7 +51,7 @@ class SearchFilter:
 
     @property
     def needs_overfetch(self) -> bool:
-        return self.since is not None or self.role is not None
+        return self.role is not None
 
 
 @dataclass
@@ -199,7 +203,10 @@ class Searcher:
                 raise
         return searcher
 
-    async def search(self, query: str, *, limit: int = 5, wanted: SearchFilter | None = None) -> list[Hit]:
+    async def search(
+        self, query: str, *, limit: int = 5, wanted: SearchFilter | None = None, lexical: bool = True
+    ) -> list[Hit]:
+        """The best hits by meaning and, with ``lexical`` (the default), by the query's words, fused."""
         wanted = wanted or SearchFilter()
         async with self._using:
             if self._release is not None:
@@ -211,8 +218,15 @@ class Searcher:
                 if self._store is None:
                     self._store = await asyncio.to_thread(open_store, self.settings)
                 store = self._store
-                vector = await self._model.embed(query)
-                return await asyncio.to_thread(_search_collections, store, vector, limit, wanted)
+                asked = limit * FILTER_OVERFETCH if wanted.needs_overfetch else limit
+                request = StoreQuery(
+                    dense=await self._model.embed(query),
+                    lexical=query_vector(query) if lexical else None,
+                    limit=asked,
+                    candidates=max(asked, FUSION_CANDIDATES),
+                    since=wanted.since,
+                )
+                return await asyncio.to_thread(_search_collections, store, request, limit, wanted)
             finally:
                 if self._idle_seconds is not None:
                     self._release = asyncio.get_running_loop().call_later(self._idle_seconds, self._release_soon)
@@ -295,14 +309,31 @@ async def _query_model(settings: Settings) -> QueryModel:
     return QueryModel(embedder.embed_query, embedder.aclose)
 
 
-def _search_collections(sink: Sink, vector: list[float], limit: int, wanted: SearchFilter) -> list[Hit]:
+def _search_collections(sink: Sink, request: StoreQuery, limit: int, wanted: SearchFilter) -> list[Hit]:
     names = sink.collections()
     if wanted.project is not None:
         names = [name for name in names if name == sink.collection_for(wanted.project)]
-    asked = limit * FILTER_OVERFETCH if wanted.needs_overfetch else limit
-    hits = [_hit(found) for name in names for found in sink.query(name, vector, asked)]
-    hits = [hit for hit in hits if matches(hit, wanted)]
-    return sorted(hits, key=lambda h: h.score, reverse=True)[:limit]
+    hits = [_hit(found) for found in _ranked(sink, names, request)]
+    return [hit for hit in hits if matches(hit, wanted)][:limit]
+
+
+def _ranked(sink: Sink, names: list[str], request: StoreQuery) -> list[ScoredPayload]:
+    """One collection ranks its own points (the store fuses). Over several, fused scores do not compare (each
+    collection's first hit scores the same), so each ranking is merged over the collections by its own
+    score first, and those are fused here the way the store would."""
+    if len(names) == 1:
+        return sink.query(names[0], request)
+    dense: list[ScoredPayload] = []
+    lexical: list[ScoredPayload] = []
+    for name in names:
+        first, *rest = sink.rankings(name, request)
+        dense.extend(first)
+        lexical.extend(hit for ranking in rest for hit in ranking)
+    dense.sort(key=lambda hit: hit.score, reverse=True)
+    if not lexical:  # by meaning only: asked so, or no collection keeps the lexical vector
+        return dense[: request.limit]
+    lexical.sort(key=lambda hit: hit.score, reverse=True)
+    return fuse([dense[: request.candidates], lexical[: request.candidates]], request.limit)
 
 
 def _hit(found: ScoredPayload) -> Hit:

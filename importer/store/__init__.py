@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
+
+from importer.lexical import Sparse
 
 #: Payload fields with an index, and their kind: filters on them stay fast as a collection grows.
 INDEXED_FIELDS: dict[str, str] = {
@@ -31,8 +34,29 @@ class Point:
 
 @dataclass(frozen=True, slots=True)
 class ScoredPayload:
+    id: str
     score: float
     payload: dict[str, Any]
+
+
+#: Reciprocal-rank fusion's k: the hit at position p (0 for the first) of a ranking scores 1 / (RRF_K + p).
+#: The common default; a large k flattens the difference between the first places, so that one ranking's
+#: first hit does not win alone over a hit both rankings place well.
+RRF_K = 60
+
+
+@dataclass(frozen=True, slots=True)
+class StoreQuery:
+    """One search as a store runs it."""
+
+    dense: list[float]
+    #: The query's BM25 terms; None: by meaning only.
+    lexical: Sparse | None
+    limit: int
+    #: How many hits each ranking (dense, lexical) contributes to the fusion.
+    candidates: int
+    #: Only points whose ``timestamp`` is at or after this instant (the payload's datetime index).
+    since: datetime | None = None
 
 
 class StoreError(RuntimeError):
@@ -73,7 +97,13 @@ class Sink(Protocol):
         """Up to ``limit`` points in id order from id ``start`` on (None: the first); and the id the next page
         starts at (None: this was the last page)."""
 
-    def query(self, collection: str, vector: list[float], limit: int) -> list[ScoredPayload]: ...
+    def query(self, collection: str, request: StoreQuery) -> list[ScoredPayload]:
+        """The store's own ranking: dense and lexical fused by RRF (prefetch + fusion in one query), or the
+        dense one alone when the request or the collection has no lexical vector."""
+
+    def rankings(self, collection: str, request: StoreQuery) -> list[list[ScoredPayload]]:
+        """The dense ranking and, when both have one, the lexical ranking, ``request.candidates`` each (one
+        batch): for fusing over several collections, where per-collection fused scores do not compare."""
 
     def finish(self) -> None:
         """End of a run that wrote: build what makes later queries fast, where it pays."""
@@ -99,6 +129,18 @@ def open_sink(
     from importer.store.server import ServerSink
 
     return ServerSink.connect(url=url, api_key=api_key, suffix=suffix, attempts=attempts)
+
+
+def fuse(rankings: Sequence[Sequence[ScoredPayload]], limit: int) -> list[ScoredPayload]:
+    """Reciprocal-rank fusion, as Qdrant computes it: each hit scores the sum of 1 / (RRF_K + its position)."""
+    scores: dict[str, float] = {}
+    found: dict[str, ScoredPayload] = {}
+    for ranking in rankings:
+        for position, hit in enumerate(ranking):
+            scores[hit.id] = scores.get(hit.id, 0.0) + 1 / (RRF_K + position)
+            found.setdefault(hit.id, hit)
+    best = sorted(scores, key=lambda id_: scores[id_], reverse=True)[:limit]
+    return [ScoredPayload(id=id_, score=scores[id_], payload=found[id_].payload) for id_ in best]
 
 
 def all_points(sink: Sink, collection: str, page: int = 256) -> Iterator[list[Point]]:

@@ -13,18 +13,30 @@ indexes them; :meth:`EdgeStore.finish` builds that index after a run that left m
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import qdrant_edge as edge
 
+from importer.lexical import SPARSE_VECTOR, Sparse, document_vector
 from importer.points import collection_name
-from importer.store import INDEXED_FIELDS, Point, ScoredPayload, StoreBusy, StoreError, StoreMissing
+from importer.store import (
+    INDEXED_FIELDS,
+    RRF_K,
+    Point,
+    ScoredPayload,
+    StoreBusy,
+    StoreError,
+    StoreMissing,
+    StoreQuery,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +59,17 @@ def is_shard(folder: Path) -> bool:
     return (folder / _SHARD_CONFIG).is_file()
 
 
+def has_lexical(folder: Path) -> bool:
+    """Whether the shard keeps the lexical vector (shards made before it existed do not)."""
+    config = json.loads((folder / _SHARD_CONFIG).read_text())
+    return SPARSE_VECTOR in (config.get("sparse_vectors") or {})
+
+
 def shard_config(dimensions: int) -> Any:
     vectors = edge.EdgeVectorParams(size=dimensions, distance=edge.Distance.Cosine, on_disk=True)
-    return edge.EdgeConfig(vectors=vectors, on_disk_payload=True)
+    # The sparse index memory-mapped like the dense vectors, so the importer's RSS stays flat.
+    lexical = edge.EdgeSparseVectorParams(modifier=edge.Modifier.Idf, memory=edge.Memory.Cached)
+    return edge.EdgeConfig(vectors=vectors, sparse_vectors={SPARSE_VECTOR: lexical}, on_disk_payload=True)
 
 
 def create_shard(folder: Path, dimensions: int) -> Any:
@@ -59,8 +79,24 @@ def create_shard(folder: Path, dimensions: int) -> Any:
     return shard
 
 
-def to_edge_points(points: Sequence[Point]) -> list[Any]:
-    return [edge.Point(p.id, p.vector, p.payload) for p in points]
+def to_edge_points(points: Sequence[Point], *, lexical: bool = True) -> list[Any]:
+    """Edge points; with ``lexical``, each with its text's BM25 vector beside the dense one."""
+    if not lexical:
+        return [edge.Point(p.id, p.vector, p.payload) for p in points]
+    return [edge.Point(p.id, {"": p.vector, SPARSE_VECTOR: _lexical_of(p)}, p.payload) for p in points]
+
+
+def _lexical_of(point: Point) -> Any:
+    return _sparse(document_vector(str(point.payload.get("text", ""))))
+
+
+def _sparse(vector: Sparse) -> Any:
+    return edge.SparseVector(vector.indices, vector.values)
+
+
+def _dense(vector: Any) -> list[float]:
+    """The dense vector of a record: the whole vector, or the unnamed one beside the lexical vector."""
+    return list(vector[""] if isinstance(vector, dict) else vector)
 
 
 class FolderLock:
@@ -119,6 +155,7 @@ class EdgeStore:
         self._lock = lock
         self._shards: dict[str, Any] = {}  # insertion order = least recently used first
         self._touched: set[str] = set()  # shards written in this run: finish() considers indexing them
+        self._lexical: dict[str, bool] = {}  # whether each opened shard keeps the lexical vector
 
     @classmethod
     def open(cls, path: Path, *, suffix: str, for_writing: bool = True, index_min_points: int = 0) -> EdgeStore:
@@ -145,7 +182,8 @@ class EdgeStore:
     def upsert(self, collection: str, points: Sequence[Point]) -> None:
         if points:
             shard = self._shard(collection, dimensions=len(points[0].vector))
-            shard.update(edge.UpdateOperation.upsert_points(to_edge_points(points)))
+            lexical = self._lexical[collection]
+            shard.update(edge.UpdateOperation.upsert_points(to_edge_points(points, lexical=lexical)))
             self._touched.add(collection)
 
     def delete_source(self, collection: str, source: str) -> None:
@@ -164,13 +202,34 @@ class EdgeStore:
             offset=uuid.UUID(start) if start else None, limit=limit, with_payload=True, with_vector=True
         )
         records, next_start = self._shard(collection).scroll(request)
-        points = [Point(id=str(r.id), vector=list(r.vector), payload=dict(r.payload or {})) for r in records]
+        points = [Point(id=str(r.id), vector=_dense(r.vector), payload=dict(r.payload or {})) for r in records]
         return points, None if next_start is None else str(next_start)
 
-    def query(self, collection: str, vector: list[float], limit: int) -> list[ScoredPayload]:
-        request = edge.QueryRequest(limit=limit, query=edge.Query.Nearest(vector), with_payload=True)
-        found = self._shard(collection).query(request)
-        return [ScoredPayload(score=float(p.score), payload=dict(p.payload or {})) for p in found]
+    def query(self, collection: str, request: StoreQuery) -> list[ScoredPayload]:
+        shard = self._shard(collection)
+        where = _since_filter(request.since)
+        if request.lexical is None or not self._lexical[collection]:
+            return _scored(shard.query(_nearest(request.dense, None, request.limit, where)))
+        prefetches = [
+            edge.Prefetch(limit=request.candidates, query=edge.Query.Nearest(vector, using=using), filter=where)
+            for vector, using in _vectors(request)
+        ]
+        rrf = edge.Fusion.Rrf(k=RRF_K)
+        fused = edge.QueryRequest(
+            limit=request.limit,
+            prefetches=prefetches,
+            query=rrf,  # type: ignore[arg-type]  # the stubs list Fusion, not its variants
+            filter=where,
+            with_payload=True,
+        )
+        return _scored(shard.query(fused))
+
+    def rankings(self, collection: str, request: StoreQuery) -> list[list[ScoredPayload]]:
+        shard = self._shard(collection)
+        where = _since_filter(request.since)
+        wanted = _vectors(request) if self._lexical[collection] else _vectors(request)[:1]
+        batch = edge.QueryBatchRequest([_nearest(vector, using, request.candidates, where) for vector, using in wanted])
+        return [_scored(found) for found in shard.query_batch(batch)]
 
     def finish(self) -> None:
         """Index the shards that many points reached unindexed: one blocking ``optimize()`` each."""
@@ -219,7 +278,44 @@ class EdgeStore:
                 raise StoreBusy(f"{folder} is open in another process; run again when it has finished") from error
             raise
         self._shards[collection] = shard
+        self._note_lexical(collection)
         return shard
+
+    def _note_lexical(self, collection: str) -> None:
+        if collection in self._lexical:
+            return
+        warned = not all(self._lexical.values())  # once per store, not per collection
+        self._lexical[collection] = has_lexical(self.path / collection)
+        if not self._lexical[collection] and not warned:
+            log.warning(
+                "collections made before the lexical vector existed (this one, maybe others) are searched by "
+                "meaning only, and their new points get no lexical vector; to add it, import again into a new store",
+                extra={"collection": collection, "store": str(self.path)},
+            )
+
+
+def _vectors(request: StoreQuery) -> list[tuple[Any, str | None]]:
+    """The request's vectors and the names they are stored under: dense (unnamed) first, then lexical."""
+    found: list[tuple[Any, str | None]] = [(request.dense, None)]
+    if request.lexical is not None:
+        found.append((_sparse(request.lexical), SPARSE_VECTOR))
+    return found
+
+
+def _nearest(vector: Any, using: str | None, limit: int, where: Any) -> Any:
+    return edge.QueryRequest(
+        limit=limit, query=edge.Query.Nearest(vector, using=using), filter=where, with_payload=True
+    )
+
+
+def _scored(found: list[Any]) -> list[ScoredPayload]:
+    return [ScoredPayload(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in found]
+
+
+def _since_filter(since: datetime | None) -> Any:
+    if since is None:
+        return None
+    return edge.Filter(must=[edge.FieldCondition("timestamp", range=edge.RangeDateTime(gte=since.isoformat()))])
 
 
 def _source_filter(source: str) -> Any:
