@@ -294,8 +294,9 @@ class Importer:
 
         Texts go to the model sorted by length, so that each batch pads to a similar length (less
         wasted work than padding short texts to long ones), in calls of the embedder's ``call_size`` (one
-        batch per worker it runs side by side), so that a stop request waits for one call, not for the
-        whole window.
+        batch per worker it runs side by side), all made at once so that the embedder always has work
+        queued; a stop request cancels what has not started, so it waits for the batches running, not
+        for the whole window.
         """
         texts = [item.text for item in items if isinstance(item, ChunkItem)]
         if not texts:

@@ -28,13 +28,17 @@ from importer.model import MAX_TOKENS, check_model_dir, default_model_dir
 LOCAL_MAX_CHARS = 1000
 
 #: Texts of the full 256 tokens per onnxruntime call; the batches are cut by the budget of padded tokens
-#: (texts × longest text) this makes, so shorter texts go more at a time: with 8, a budget of 2048
-#: tokens, so the activations stay what a batch of 8 always took, while 60-token texts go 34 at a time.
+#: (texts × longest text) this makes, so shorter texts go more at a time: with 4, a budget of 1024
+#: tokens, while 60-token texts go 17 at a time.
 #: Measured on 100 chunks of make_corpus.py's realistic profile, texts sorted by token count, 2 loaded
 #: cores: budgets of 2048 and 4096 tokens took 15-16 s, 8192 and fixed counts of 8 or 32 texts 23-24 s,
 #: one text at a time (no padding at all) 27 s: small batches keep activations in cache, and sorting
-#: leaves little padding to save.
-DEFAULT_BATCH_SIZE = 8
+#: leaves little padding to save.  Memory decides between the small ones: embedding 200 realistic chunks
+#: in a fresh process (2 workers), RSS went from 182-192 MB after loading to 379-410 MB with 8 (2048
+#: tokens), 281-298 MB with 4 and 234 MB with 2, in no measurably different time on the loaded machine:
+#: onnxruntime's arena keeps the largest activations it has served (attention alone is texts × 12 heads
+#: × length² floats), two batches at a time.
+DEFAULT_BATCH_SIZE = 4
 
 _PAD_ID = 0  # [PAD] in this vocabulary
 
