@@ -13,7 +13,9 @@ numbers do not.
    the model's real work); embed those chunk texts with fastembed's ``TextEmbedding.embed`` (its default
    batching, and batch 8) on the same prepared model folder, each in a process of its own; then run
    ``python -m importer run`` on the tree into an embedded Qdrant, and, with ``--baseline-python``, the
-   importer of another checkout (that interpreter's venv, its own model folder) the same way. Per run:
+   importer of another checkout (that interpreter's venv, its own model folder ``--baseline-model-dir``,
+   prepared beforehand with that checkout's ``IMPORTER_MODEL_DIR=DIR python -m importer model prepare``)
+   the same way. Per run:
    tokens/s, chunks/s, MB of logs per minute, files/min, peak RSS, and the ratios.
 2. memory over a long run (``--long-sessions``, 0 to skip): RSS of the importer sampled every second;
    the median of the first and of the last quarter of the samples.
@@ -172,15 +174,18 @@ def run_importer(
     interval: float,
     python: str = sys.executable,
     checkout: Path = REPO,
+    model_dir: Path | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
-    """``python -m importer run`` of ``checkout`` into an embedded store in ``work`` (or a server), sampling its RSS."""
+    """``python -m importer run`` of ``checkout`` into an embedded store in ``work`` (or a server), sampling its RSS.
+
+    ``model_dir`` is the prepared model folder that run uses (None: the environment's)."""
     target = ["--qdrant-url", qdrant_url] if qdrant_url else ["--qdrant-path", str(work / "qdrant")]
     command = [python, "-m", "importer", "run", "--source", str(root), "--json", *target]
     command += ["--state-file", str(work / "state.json")]
     # As the Jobs run it: MALLOC_ARENA_MAX=2 (the importer also applies it itself when unset).
     env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
-    if checkout != REPO:
-        env.pop("IMPORTER_MODEL_DIR", None)  # another checkout uses its own default model folder
+    if model_dir is not None:
+        env["IMPORTER_MODEL_DIR"] = str(model_dir)
     return sampled_json(command, cwd=checkout, env=env, interval=interval)
 
 
@@ -220,8 +225,13 @@ def throughput(args: argparse.Namespace, base: Path) -> None:
         "importer": lambda: importer_run(root, base),
     }
     if args.baseline_python:
-        checkout = Path(args.baseline_python).resolve().parents[2]
-        contenders["baseline importer"] = lambda: importer_run(root, base, args.baseline_python, checkout)
+        checkout = Path(args.baseline_python).absolute().parents[2]
+        model_dir = args.baseline_model_dir
+
+        def baseline() -> tuple[dict[str, Any], list[float]]:
+            return importer_run(root, base, args.baseline_python, checkout, model_dir)
+
+        contenders["baseline importer"] = baseline
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
     try:
         for _ in range(args.repeat):  # alternate, so that a burst of load hits every contender alike
@@ -236,10 +246,10 @@ def throughput(args: argparse.Namespace, base: Path) -> None:
 
 
 def importer_run(
-    root: Path, base: Path, python: str = sys.executable, checkout: Path = REPO
+    root: Path, base: Path, python: str = sys.executable, checkout: Path = REPO, model_dir: Path | None = None
 ) -> tuple[dict[str, Any], list[float]]:
     with tempfile.TemporaryDirectory(dir=base) as work:
-        return run_importer(root, Path(work), None, interval=0.5, python=python, checkout=checkout)
+        return run_importer(root, Path(work), None, 0.5, python, checkout, model_dir)
 
 
 def print_ratios(rows: dict[str, list[dict[str, float]]]) -> None:
@@ -301,6 +311,13 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="alternating rounds of every contender")
     parser.add_argument("--baseline-python", help="also run the importer of the checkout whose venv has this python")
+    parser.add_argument(
+        "--baseline-model-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "base-model",
+        help="the baseline's own prepared model folder (an older checkout may expect an older model format: "
+        "it must not use, nor rewrite, this checkout's; prepare it with that checkout's `model prepare`)",
+    )
     parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--raw-batch", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()

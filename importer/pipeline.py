@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Chunks gathered before embedding and sorted by length, so each batch pads to a similar length.
 SORT_WINDOW = 128
+#: Windows being embedded at once (see ``Importer._embed``).
+_WINDOWS_IN_FLIGHT = 2
 _YIELD_EVERY_LINES = 200
 
 
@@ -268,46 +270,84 @@ class Importer:
         out: asyncio.Queue[tuple[list[Item], list[Any]] | None],
     ) -> None:
         window = max(SORT_WINDOW, self.embedder.call_size)
+        # Two windows in flight: the next window's calls are queued while the last batches of the one
+        # before run, so the embedder's workers do not idle at each window's end.  In order, so each
+        # file's FileDone still follows its chunks.
+        in_flight: deque[tuple[list[Item], asyncio.Task[list[Any] | None]]] = deque()
         finished = False
-        while not finished:
-            items: list[Item] = []
-            first = await inbox.get()
-            if first is None:
-                break
-            if self._stop.is_set():
-                continue  # stopping: what is not embedded yet is dropped; its files resume next run
-            items.append(first)
-            chunks = int(isinstance(first, ChunkItem))
-            while chunks < window and not inbox.empty():
-                nxt = inbox.get_nowait()
-                if nxt is None:
-                    finished = True
+        try:
+            while not finished:
+                items: list[Item] = []
+                first = await inbox.get()
+                if first is None:
                     break
-                items.append(nxt)
-                chunks += isinstance(nxt, ChunkItem)
-            vectors = await self._vectors(items)
-            if vectors is not None:
-                await out.put((items, vectors))
+                if self._stop.is_set():
+                    continue  # stopping: what is not embedded yet is dropped; its files resume next run
+                items.append(first)
+                chunks = int(isinstance(first, ChunkItem))
+                while chunks < window and not inbox.empty():
+                    nxt = inbox.get_nowait()
+                    if nxt is None:
+                        finished = True
+                        break
+                    items.append(nxt)
+                    chunks += isinstance(nxt, ChunkItem)
+                in_flight.append((items, asyncio.create_task(self._vectors(items))))
+                if len(in_flight) >= _WINDOWS_IN_FLIGHT:
+                    await self._forward(*in_flight.popleft(), out)
+            while in_flight:
+                await self._forward(*in_flight.popleft(), out)
+        finally:
+            for _, task in in_flight:
+                task.cancel()
         await out.put(None)
+
+    @staticmethod
+    async def _forward(
+        items: list[Item],
+        task: asyncio.Task[list[Any] | None],
+        out: asyncio.Queue[tuple[list[Item], list[Any]] | None],
+    ) -> None:
+        vectors = await task
+        if vectors is not None:
+            await out.put((items, vectors))
 
     async def _vectors(self, items: list[Item]) -> list[Any] | None:
         """Vectors for the chunk items, in order; None when a stop request came before the last batch.
 
         Texts go to the model sorted by length, so that each batch pads to a similar length (less
         wasted work than padding short texts to long ones), in calls of the embedder's ``call_size`` (one
-        batch per worker it runs side by side), so that a stop request waits for one call, not for the
-        whole window.
+        batch per worker it runs side by side), all made at once so that the embedder always has work
+        queued; a stop request cancels what has not started, so it waits for the batches running, not
+        for the whole window.
         """
         texts = [item.text for item in items if isinstance(item, ChunkItem)]
         if not texts:
             return []
+        if self._stop.is_set():
+            return None
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         size = self.embedder.call_size
-        embedded: list[Any] = []
-        for first in range(0, len(order), size):
-            if self._stop.is_set():
-                return None  # the window is dropped: its files are not acknowledged and resume next run
-            embedded += await self.embedder.embed([texts[i] for i in order[first : first + size]])
+        # Every call of the window at once: the embedder queues their batches (see LocalEmbedder.embed).
+        calls = asyncio.gather(
+            *(
+                self.embedder.embed([texts[i] for i in order[first : first + size]])
+                for first in range(0, len(order), size)
+            )
+        )
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            waiters: set[asyncio.Future[Any]] = {calls, stop}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not calls.done():
+                # Batches not started yet are dropped; those running end in their threads.
+                calls.cancel()
+                calls.add_done_callback(lambda call: call.cancelled() or call.exception())
+        if not calls.done():
+            return None  # the window is dropped: its files are not acknowledged and resume next run
+        embedded = [vector for call in calls.result() for vector in call]
         vectors: list[Any] = [None] * len(texts)
         for position, original in enumerate(order):
             vectors[original] = embedded[position]

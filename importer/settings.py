@@ -34,7 +34,7 @@ class Settings:
     shard_count: int = 1
     #: 8 texts per call: as fast per CPU-second as 32 on 2 cores, and the model's activations peak at
     #: ~360 MiB instead of ~700 MiB (measured; see README "Benchmarks").
-    batch_size: int = 8
+    batch_size: int = 4  # see importer.embed.local.DEFAULT_BATCH_SIZE
     workers: int = 2
     chunk_messages: int = 5
     max_chunk_chars: int | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,13 +28,17 @@ from importer.model import MAX_TOKENS, check_model_dir, default_model_dir
 LOCAL_MAX_CHARS = 1000
 
 #: Texts of the full 256 tokens per onnxruntime call; the batches are cut by the budget of padded tokens
-#: (texts × longest text) this makes, so shorter texts go more at a time: with 8, a budget of 2048
-#: tokens, so the activations stay what a batch of 8 always took, while 60-token texts go 34 at a time.
+#: (texts × longest text) this makes, so shorter texts go more at a time: with 4, a budget of 1024
+#: tokens, while 60-token texts go 17 at a time.
 #: Measured on 100 chunks of make_corpus.py's realistic profile, texts sorted by token count, 2 loaded
 #: cores: budgets of 2048 and 4096 tokens took 15-16 s, 8192 and fixed counts of 8 or 32 texts 23-24 s,
 #: one text at a time (no padding at all) 27 s: small batches keep activations in cache, and sorting
-#: leaves little padding to save.
-DEFAULT_BATCH_SIZE = 8
+#: leaves little padding to save.  Memory decides between the small ones: embedding 200 realistic chunks
+#: in a fresh process (2 workers), RSS went from 182-192 MB after loading to 379-410 MB with 8 (2048
+#: tokens), 281-298 MB with 4 and 234 MB with 2, in no measurably different time on the loaded machine:
+#: onnxruntime's arena keeps the largest activations it has served (attention alone is texts × 12 heads
+#: × length² floats), two batches at a time.
+DEFAULT_BATCH_SIZE = 4
 
 _PAD_ID = 0  # [PAD] in this vocabulary
 
@@ -74,7 +78,7 @@ class LocalEmbedder:
         self._batch_workers = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="embed-batch")
         #: Texts per ``embed`` call: a full batch for each parallel worker, or one of them idles.
         self.call_size = max(batch_size, 1) * max(threads, 1)
-        # The caller's thread (the event loop's) only waits in this one: embedding never blocks the loop.
+        # Tokenizing and whole blocking calls (queries) run in this one: embedding never blocks the loop.
         self._owns_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-local")
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -83,11 +87,24 @@ class LocalEmbedder:
         self._model_dir = model_dir
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Embed document chunks, in order; longer than 256 tokens means truncated by the model."""
+        """Embed document chunks, in order; longer than 256 tokens means truncated by the model.
+
+        No thread blocks on a whole call: each batch goes to the batch workers' queue as a task of its
+        own, so calls made before the last one ends queue their batches behind its batches, and a worker
+        that finishes early takes the next batch instead of idling until its sibling ends (profiled with
+        py-spy: with one blocking call at a time the two workers idled 19 % and 30 % of the run). Cancelling
+        the call drops its batches that have not started.
+        """
         if not texts:
             return []
+        session = self._require_session()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.embed_now, list(texts))
+        encodings = await loop.run_in_executor(self._executor, self._tokenizer.encode_batch, list(texts))
+        batches = list(_token_budget_batches([len(e.ids) for e in encodings], self.token_budget))
+        embedded = await asyncio.gather(
+            *(loop.run_in_executor(self._batch_workers, _run, session, [encodings[i] for i in b]) for b in batches)
+        )
+        return _in_order(len(encodings), batches, embedded)
 
     async def embed_query(self, text: str) -> list[float]:
         """Embed a search query (this model embeds queries and documents alike)."""
@@ -123,10 +140,7 @@ class LocalEmbedder:
         encodings = self._tokenizer.encode_batch(list(texts))
         batches = list(_token_budget_batches([len(e.ids) for e in encodings], self.token_budget))
         embedded = self._batch_workers.map(lambda batch: _run(session, [encodings[i] for i in batch]), batches)
-        vectors = np.empty((len(encodings), self.dimensions), dtype=np.float32)
-        for batch, batch_vectors in zip(batches, embedded, strict=True):
-            vectors[batch] = batch_vectors
-        return vectors.tolist()
+        return _in_order(len(encodings), batches, embedded)
 
     def _require_session(self) -> ort.InferenceSession:
         if self._session is None:
@@ -157,6 +171,14 @@ def _token_budget_batches(lengths: list[int], budget: int) -> Iterator[list[int]
         batch.append(index)
     if batch:
         yield batch
+
+
+def _in_order(count: int, batches: list[list[int]], embedded: Iterable[np.ndarray]) -> list[list[float]]:
+    """The batches' vectors as lists, back in the texts' order (``batches`` holds each batch's text indexes)."""
+    vectors = np.empty((count, LocalEmbedder.dimensions), dtype=np.float32)
+    for batch, batch_vectors in zip(batches, embedded, strict=True):
+        vectors[batch] = batch_vectors
+    return vectors.tolist()
 
 
 def _run(session: ort.InferenceSession, encodings: list[Encoding]) -> np.ndarray:

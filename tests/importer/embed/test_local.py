@@ -51,8 +51,8 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 def test_implements_the_embedder_protocol(embedder: LocalEmbedder) -> None:
     as_protocol: Embedder = embedder  # checked by mypy
-    assert (as_protocol.name, as_protocol.dimensions, as_protocol.batch_size) == ("local", 384, 8)
-    assert embedder.token_budget == 8 * MAX_TOKENS
+    assert (as_protocol.name, as_protocol.dimensions, as_protocol.batch_size) == ("local", 384, 4)
+    assert embedder.token_budget == 4 * MAX_TOKENS
     assert as_protocol.max_chars == LOCAL_MAX_CHARS
 
 
