@@ -255,26 +255,85 @@ def test_a_restarted_operator_adopts_the_running_job(
     assert (messages, duplicates) == (manifest["text_messages"], 0)
 
 
-def test_an_importer_the_kernel_oom_kills_is_retried_with_more_memory(
-    real_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
+#: The OOM test's memory limit, halfway between two peaks of the container's memory cgroup measured at 1 GiB on
+#: the real node: 402 MiB importing the small corpus (the model loaded, page cache included) and 631 MiB with
+#: the large record below. So the first files are imported, and the kernel kills the importer while it parses
+#: that record.
+OOM_LIMIT = "512Mi"
+#: Short messages (one chunk each) between the first file and the large record: more chunks than the pipeline
+#: holds in flight (2 x 128 queued for embedding, a window being embedded, 2 queued for upserting, one being
+#: upserted: at most 768), so when the reader reaches the large record the first file has been written and
+#: acknowledged, and the first acknowledgement always saves the state.
+FILLER_MESSAGES = 1000
+#: orjson makes a Python list (~72 bytes) of every "[]" (3 bytes): a line just under the importer's 8 MiB
+#: line limit costs ~200 MB while it is parsed, then is freed (the record has no text to import).
+LARGE_RECORD_BYTES = (8 << 20) - 4096
+
+
+def _record(kind: str, content: Any, index: int) -> str:
+    return json.dumps(
+        {
+            "type": kind,
+            "sessionId": "large-session",
+            "cwd": "/home/dev/projects/zz-large",
+            "timestamp": f"2026-03-18T08:{index // 60 % 60:02d}:{index % 60:02d}Z",
+            "message": {"role": kind, "content": content},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def oom_corpus(real_cluster: Any) -> tuple[Path, list[tuple[str, int]]]:
+    """The small corpus plus, sorting last, one large session: many short messages, then a record whose
+    parsing needs ~200 MB more than the importer's steady state. Returns the tree and its files in the
+    importer's order (sorted relative paths) with their text messages."""
+    out = real_cluster.workdir / "data" / "oom"
+    subprocess.run(
+        [sys.executable, str(MAKE_CORPUS), str(out), "--files", "6", "--profile", "small"],
+        check=True,
+        capture_output=True,
+    )
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    files = [(entry["path"], int(entry["text_messages"])) for entry in manifest["entries"]]
+    large = "zz-large/large-session.jsonl"
+    result = {"type": "tool_result", "tool_use_id": "toolu_large", "content": "@"}
+    skeleton = _record("user", [result], FILLER_MESSAGES)
+    units = (LARGE_RECORD_BYTES - len(skeleton)) // 3
+    tool_result = skeleton.replace('"@"', "[" + ",".join(["[]"] * units) + "]")
+    lines = [_record("user", f"short note {i}", i) for i in range(FILLER_MESSAGES)]
+    lines += [tool_result, _record("assistant", "read the large result", FILLER_MESSAGES + 1)]
+    (out / large).parent.mkdir()
+    (out / large).write_text("\n".join(lines) + "\n")
+    files.append((large, FILLER_MESSAGES + 1))
+    for path in (out.parent, out, *out.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out, sorted(files)
+
+
+def test_an_importer_the_kernel_oom_kills_after_saving_files_resumes_with_more_memory(
+    real_cluster: Any, installed: Cluster, oom_corpus: tuple[Path, list[tuple[str, int]]]
 ) -> None:
     ns = installed
-    source, manifest = corpus
-    retry = {"factor": 4, "maxMemory": "1Gi", "maxAttempts": 3}
-    # The importer's own memory budget (a fraction of the limit, 0.8 by default) would race the kernel and
-    # stop it first (MemoryBudgetExceeded, seen once in CI); at the whole limit only the kernel can end it.
-    tuning = {"operationalMemoryFraction": 1}
-    ns.apply(*embedded_importrun("oom", source, resources={"memory": "300Mi"}, memoryRetry=retry, tuning=tuning))
+    source, files = oom_corpus
+    retry = {"factor": 4, "maxMemory": "1Gi", "maxAttempts": 2}
+    # The importer's own budget at the whole limit: below it at every file's end, so only the kernel acts.
+    # One chunk per message; the state saved at (nearly) every finished file.
+    tuning = {"operationalMemoryFraction": 1, "chunkMessages": 1, "checkpointSeconds": 0.1}
+    run = embedded_importrun("oom", source, resources={"memory": OOM_LIMIT}, memoryRetry=retry, tuning=tuning)
+    ns.apply(*run)
     status = ns.wait_phase("oom", "Succeeded", "Failed", timeout=600)
     assert status["phase"] == "Succeeded", status
-    # Either ending is over the memory limit and must lead to the retry with more memory: the importer's own
-    # budget (it reads its container's cgroup limit) usually stops it first, state saved (exit 86); an
-    # allocation that outruns its sampling is OOM-killed by the kernel (seen in CI both ways, even with the
-    # budget at the whole limit).
-    assert status["lastFailure"]["reason"] in ("OOMKilled", "MemoryBudgetExceeded"), status["lastFailure"]
-    assert status["attempt"] >= 2 and status["memory"] == "1Gi"
+    assert status["lastFailure"]["reason"] == "OOMKilled", status["lastFailure"]
+    assert (status["attempt"], status["memory"]) == (2, "1Gi"), status
+    # The retry found the files the first attempt saved in the ConfigMap state as unchanged (a prefix of the
+    # importer's order, since files are acknowledged in order) and read only the rest, the large one among them.
+    numbers = status["runNumbers"]
+    saved = numbers["filesUnchanged"]
+    assert 1 <= saved < len(files), numbers
+    assert numbers["filesRead"] == len(files) - saved, numbers
+    assert numbers["messages"] == sum(messages for _, messages in files[saved:]), numbers
     messages, duplicates = stored_messages(real_cluster.pvc_dir(ns.namespace, "qdrant-oom") / "store")
-    assert (messages, duplicates) == (manifest["text_messages"], 0)
+    assert (messages, duplicates) == (sum(messages for _, messages in files), 0)
 
 
 def test_kubectl_apply_of_the_manifests_runs_the_operator(real_cluster: Any) -> None:
