@@ -24,7 +24,6 @@ from reflection_operator.settings import Settings
 from reflection_operator.spec import parse_spec
 
 from importer.contract import ShardSummary
-from importer.model import prepare_model
 from tests.importer.stored import embedded_store
 from tests.polling import wait_for
 
@@ -173,9 +172,10 @@ MAKE_CORPUS = Path(os.environ.get("REFLECTION_SHARED", REPO.parent / "shared")) 
 
 
 @pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """A generated conversation tree (read-only source for several tests) and its manifest."""
-    out = tmp_path_factory.mktemp("operator-corpus") / "projects"
+def small_corpus(pod_readable_dir: Callable[[str], Path]) -> tuple[Path, dict[str, Any]]:
+    """A generated conversation tree (read-only source for several tests, mounted by the importer's Pods) and
+    its manifest."""
+    out = pod_readable_dir("operator-corpus") / "projects"
     subprocess.run(
         [sys.executable, str(MAKE_CORPUS), str(out), "--files", "8", "--profile", "small"],
         check=True,
@@ -264,10 +264,10 @@ def k8s(kube_cluster: Any, namespace: str, importrun_crd: Path) -> Iterator[Kube
 
 @pytest.fixture
 def operator_env(kube_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The operator's environment: the cluster's kubeconfig and where the test kubelet finds the model."""
+    """The operator's environment (it runs in this process; its importer Jobs run in their image, which holds
+    the model): the cluster's kubeconfig, no listening ports."""
     env = {
         "KUBECONFIG": str(kube_cluster.kubeconfig),
-        "REFLECTION_IMPORTER_MODEL_DIR": str(prepare_model()),
         "REFLECTION_METRICS_PORT": "0",
         "REFLECTION_LIVENESS_PORT": "0",
         "REFLECTION_LOG_FORMAT": "plain",

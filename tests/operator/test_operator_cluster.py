@@ -1,5 +1,7 @@
-"""The operator against the local control plane: real API server, garbage collector, test kubelet running
-the real importer as a process, embedded Qdrant stores on claim folders."""
+"""The operator (in this process) against the local cluster: real API server, garbage collector, the real
+node running the importer Jobs it makes in their image, embedded Qdrant stores on claim folders.
+
+(An importer the kernel OOM-kills is tested end to end in tests/charts/test_e2e_real_node.py.)"""
 
 from __future__ import annotations
 
@@ -107,31 +109,6 @@ def test_a_bad_cron_expression_sets_ready_false_until_fixed(k8s, run_operator, e
         wait_for("Ready=True", ready_again, timeout=60)
         assert k8s.status("cron")["phase"] == "Suspended"
         assert k8s.status("cron")["observedGeneration"] == 2
-
-
-def test_an_oom_killed_importer_is_retried_with_more_memory(
-    k8s, run_operator, small_corpus, kube_cluster, embedded_importrun, claim, qdrant_points
-):
-    """300Mi holds the model but not its work: the Pod is OOM-killed (or stops at its memory budget);
-    attempts with more memory resume and finish."""
-    source, manifest = small_corpus
-    retry = {"factor": 4, "maxMemory": "1Gi", "maxAttempts": 3}
-    k8s.apply(claim("qdrant-oom"), embedded_importrun("oom", source, resources={"memory": "300Mi"}, memoryRetry=retry))
-    with run_operator(k8s.namespace):
-        status = k8s.wait_phase("oom", "Succeeded", "Failed", timeout=300)
-    assert status["phase"] == "Succeeded", status.get("lastFailure", status)
-    assert status["attempt"] >= 2 and status["memory"] == "1Gi"  # 300Mi x 4, capped at maxMemory
-    assert status["lastFailure"]["reason"] in ("OOMKilled", "MemoryBudgetExceeded")
-    assert "300Mi" in status["lastFailure"]["message"]
-    raised = next(c for c in status["conditions"] if c["type"] == "MemoryRaised")
-    assert raised["status"] == "True"
-    reasons = k8s.event_reasons("oom")
-    assert "OOMKilled" in reasons and "AttemptStarted" in reasons
-    files = manifest_files(manifest)
-    assert status["filesDone"] == status["filesTotal"] == files
-    assert status["chunks"] == qdrant_points(kube_cluster.pvc_dir(k8s.namespace, "qdrant-oom") / "store")
-    first = [j for j in k8s.jobs("oom") if j["metadata"]["labels"]["reflection.dev/attempt"] == "1"]
-    assert first[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "300Mi"
 
 
 def test_failures_retry_then_fail_with_the_pods_last_log_lines(k8s, run_operator, small_corpus):
