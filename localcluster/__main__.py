@@ -27,25 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("build", "up", "down", "status"))
     parser.add_argument("--workdir", type=Path, default=default_workdir(), help="default: %(default)s")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for readiness (up)")
-    parser.add_argument(
-        "--node",
-        choices=("real", "test"),
-        default="real",
-        help="up: a real node (containerd, runc, kubelet, kube-proxy; images built from the Dockerfile) or the "
-        "process-running test kubelet (default: %(default)s)",
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     if args.command == "build":
         build.ensure_packages(build.RUNTIME_PACKAGES)
         print(build.ensure_built())
-        if args.node == "real":  # kubelet, kube-proxy and the images: what `up` and the e2e tests need
-            build.ensure_packages(node.NODE_PACKAGES)
-            print(build.ensure_built(build.NODE_BINARIES))
-            images.build_images()
+        # kubelet, kube-proxy and the images: what the node needs
+        build.ensure_packages(node.NODE_PACKAGES)
+        print(build.ensure_built(build.NODE_BINARIES))
+        images.build_images()
         return 0
-    cluster = LocalCluster(args.workdir, real_node=args.node == "real")
+    cluster = LocalCluster(args.workdir)
     if args.command == "up":
         try:
             cluster.start(timeout=args.timeout)
@@ -54,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"export KUBECONFIG={cluster.kubeconfig}")
         print(f"export PATH={cluster.bin_dir}:$PATH")
-        if cluster.real_node:
-            print("# images: reflection-operator:0.1.0 and reflection-importer:0.1.0 (the chart's defaults)")
+        print("# images: reflection-operator:0.1.0 and reflection-importer:0.1.0 (the chart's defaults)")
         return 0
     if args.command == "down":
         cluster.stop()

@@ -1,8 +1,10 @@
-"""Start and stop a local control plane: etcd, kube-apiserver, controller-manager, scheduler, test kubelet.
+"""Start and stop a local cluster: etcd, kube-apiserver, controller-manager, scheduler and a real node
+(containerd, runc, CNI, kube-proxy, kubelet: :mod:`localcluster.node`).
 
 Everything lives under one workdir (certificates, etcd data, logs, kubeconfigs, PVC folders, ``cluster.json``
-with the ports and the PIDs) and listens on 127.0.0.1 on free ports, so a developer's cluster and a test
-session's cluster can run side by side. ``stop()`` works from the PIDs recorded in the workdir, so another
+with the ports and the PIDs). The API server listens on the node's bridge address on a free port; the
+controllers listen on 127.0.0.1. The node's host-level parts (bridge, iptables, containerd's socket) allow one
+node per machine (see :mod:`localcluster.node`). ``stop()`` works from the PIDs recorded in the workdir, so another
 process (``python -m localcluster down``) can stop a cluster it did not start.
 """
 
@@ -106,11 +108,9 @@ def helm_binary() -> Path:
 class LocalCluster:
     """One control plane under ``workdir``. Attributes match the ``kube_cluster`` fixture's promise."""
 
-    def __init__(self, workdir: Path, die_with_parent: bool = False, real_node: bool = False) -> None:
+    def __init__(self, workdir: Path, die_with_parent: bool = False) -> None:
         self.workdir = workdir.resolve()
         self.die_with_parent = die_with_parent
-        #: A real node (containerd, runc, kubelet, kube-proxy: localcluster.node) instead of the test kubelet.
-        self.real_node = real_node
         self.node = node.RealNode(self.workdir)
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self.bin_dir = build.bin_dir()
@@ -129,11 +129,6 @@ class LocalCluster:
     def pvc_dir(self, namespace: str, claim: str) -> Path:
         """The local folder that holds PersistentVolumeClaim ``namespace/claim`` (created on first use)."""
         return self.workdir / "pvc" / namespace / claim
-
-    def pod_log(self, namespace: str, pod: str, container: str) -> Path | None:
-        """The test kubelet's log file of a container (``kubectl logs`` cannot work without a kubelet API)."""
-        matches = sorted((self.workdir / "kubelet" / "pods").glob(f"{namespace}_{pod}_*/{container}.log"))
-        return matches[-1] if matches else None
 
     def kubectl_run(
         self, *args: str, check: bool = False, input: str | None = None, timeout: float = 120
@@ -173,25 +168,21 @@ class LocalCluster:
         build.ensure_built()
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
-        built = self.node.prepare() if self.real_node else []  # builds (cached) before the clock starts
+        built = self.node.prepare()  # builds (cached) before the clock starts
         keys = pki.create_pki(self.workdir / "pki")
         names = PORT_NAMES + NODE_PORT_NAMES
         ports = self._previous_ports(names) or dict(zip(names, _free_ports(len(names)), strict=True))
-        # With a real node the API server listens on the node's bridge address: Pods reach it there through
-        # the `kubernetes` Service, and so does everything on this machine (nothing else can).
-        host = node.NODE_IP if self.real_node else "127.0.0.1"
-        server = f"https://{host}:{ports['apiserver']}"
-        self._save_state({"server": server, "ports": ports, "processes": [], "real_node": self.real_node})
+        # The API server listens on the node's bridge address: Pods reach it there through the `kubernetes`
+        # Service, and so does everything on this machine (nothing else can).
+        server = f"https://{node.NODE_IP}:{ports['apiserver']}"
+        self._save_state({"server": server, "ports": ports, "processes": []})
         kubeconfigs = self._write_kubeconfigs(keys, server)
         deadline = time.monotonic() + timeout
         try:
             self._start_etcd(ports, deadline)
             self._start_apiserver(keys, ports, deadline)
             self._start_controllers(keys, ports, kubeconfigs)
-            if self.real_node:
-                self._start_real_node(keys, ports, kubeconfigs, built, deadline)
-            else:
-                self._start_kubelet(kubeconfigs["kubelet"])
+            self._start_node(keys, ports, kubeconfigs, built, deadline)
             self._wait_usable(ports, deadline)
         except BaseException:
             self.stop()
@@ -208,23 +199,20 @@ class LocalCluster:
         return {name: int(port) for name, port in ports.items()}
 
     def stop(self) -> None:
-        """Stop the kubelet and the Pods' processes first (while the API server is up), then the rest."""
+        """Stop the Pods first (through kubelet, while the API server is up), then the node, then the rest."""
         records = self._records()
-        real_node = self.state_file.exists() and bool(self._state().get("real_node"))
-        if real_node:
-            self._stop_real_node_pods(records)
+        self._stop_pods(records)
         node_parts = ("kubelet", "kube-proxy", "containerd", "dnsmasq", "provisioner")
-        _stop_processes([r for r in records if r.name == "kubelet"] + self._pod_records())
+        _stop_processes([r for r in records if r.name == "kubelet"])
         _stop_processes([r for r in records if r.name in node_parts])
         _stop_processes([r for r in records if r.name not in node_parts])
-        if real_node:
-            self.node.teardown()
+        self.node.teardown()
         if self.state_file.exists():
             state = self._state()
             state["processes"] = []
             self._save_state(state)
 
-    def _stop_real_node_pods(self, records: list[ProcessRecord]) -> None:
+    def _stop_pods(self, records: list[ProcessRecord]) -> None:
         """Delete every Pod through the API and let kubelet stop them (it tears their networks down too).
 
         Without a running API server and kubelet, containerd's tasks are killed directly.
@@ -269,7 +257,7 @@ class LocalCluster:
         self._wait("etcd", lambda: b'"health":"true"' in _http_get(f"{client}/health"), deadline)
 
     def _start_apiserver(self, keys: pki.Pki, ports: dict[str, int], deadline: float) -> None:
-        host = node.NODE_IP if self.real_node else "127.0.0.1"
+        host = node.NODE_IP
         args = [
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{ports['etcd_client']}",
@@ -293,7 +281,7 @@ class LocalCluster:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--authorization-mode=RBAC",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            *(self._real_node_apiserver_flags(keys) if self.real_node else self._test_kubelet_apiserver_flags()),
+            *self._node_apiserver_flags(keys),
             "--allow-privileged=true",
             f"--feature-gates={FEATURE_GATES}",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
@@ -304,13 +292,7 @@ class LocalCluster:
         self._wait("kube-apiserver", self._apiserver_ready, deadline)
 
     @staticmethod
-    def _test_kubelet_apiserver_flags() -> list[str]:
-        # The endpoint reconciler would publish 127.0.0.1 as the `kubernetes` Service's endpoint, which
-        # validation rejects (loopback); nothing in-cluster dials that Service with the test kubelet.
-        return ["--endpoint-reconciler-type=none"]
-
-    @staticmethod
-    def _real_node_apiserver_flags(keys: pki.Pki) -> list[str]:
+    def _node_apiserver_flags(keys: pki.Pki) -> list[str]:
         return [
             # `kubectl logs` goes through the API server to kubelet, which authenticates it by this certificate
             f"--kubelet-client-certificate={keys.kubelet_client_cert}",
@@ -351,23 +333,7 @@ class LocalCluster:
             ]
             self._spawn(name, args)
 
-    def _start_kubelet(self, kubeconfig: Path) -> None:
-        python = REPO_ROOT / ".venv" / "bin" / "python"
-        args = [
-            str(python if python.exists() else Path(sys.executable)),
-            "-m",
-            "localcluster.kubelet",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--workdir",
-            str(self.workdir),
-            "--node-name",
-            NODE_NAME,
-        ]
-        (self.workdir / "kubelet" / "ready").unlink(missing_ok=True)
-        self._spawn("kubelet", args, env={"PYTHONPATH": str(REPO_ROOT)})
-
-    def _start_real_node(
+    def _start_node(
         self,
         keys: pki.Pki,
         ports: dict[str, int],
@@ -451,7 +417,7 @@ class LocalCluster:
         with (self.workdir / "logs" / f"{name}.log").open("ab") as out:
             process = subprocess.Popen(
                 args,
-                cwd=REPO_ROOT if name == "kubelet" else self.workdir,
+                cwd=self.workdir,
                 env={**os.environ, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -486,15 +452,6 @@ class LocalCluster:
         if not self.state_file.exists():
             return []
         return [ProcessRecord(**item) for item in self._state().get("processes", [])]
-
-    def _pod_records(self) -> list[ProcessRecord]:
-        """Processes the test kubelet started for Pods (it removes a record when its process ends)."""
-        records = []
-        for path in (self.workdir / "kubelet" / "pids").glob("*.json"):
-            with contextlib.suppress(ValueError, OSError, KeyError):
-                item = json.loads(path.read_text())
-                records.append(ProcessRecord(path.stem, int(item["pid"]), float(item["create_time"])))
-        return records
 
 
 def _stop_processes(records: list[ProcessRecord]) -> None:

@@ -22,12 +22,12 @@ SERVING_NAMES = (
     "DNS:kubernetes.default.svc.cluster.local",
 )
 #: name -> (user, groups). The controller-manager and the scheduler get their bootstrap RBAC identities;
-#: the test kubelet is an admin (it reads any namespace's Secrets to build Pod environments).
+#: kubelet is an admin (this cluster runs no Node authorizer; it reads the Secrets and ConfigMaps its Pods use).
 IDENTITIES = {
     "admin": ("admin", "system:masters"),
     "controller-manager": ("system:kube-controller-manager", ""),
     "scheduler": ("system:kube-scheduler", ""),
-    "kubelet": ("localcluster-test-kubelet", "system:masters"),
+    "kubelet": ("localcluster-kubelet", "system:masters"),
     # The bootstrap ClusterRoleBinding system:node-proxier gives this user what kube-proxy needs.
     "kube-proxy": ("system:kube-proxy", ""),
 }

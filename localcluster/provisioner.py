@@ -1,13 +1,13 @@
 """A folder provisioner: gives each pending PersistentVolumeClaim a hostPath PersistentVolume.
 
-With a real node it runs on its own (``python -m localcluster.provisioner``); its folders are then open to
-every user (mode 0777, as local-path-provisioner makes them), since hostPath volumes ignore fsGroup and the
-importer runs as UID 65532.
+It runs beside the node (``python -m localcluster.provisioner``); its folders are open to every user (mode
+0777, as local-path-provisioner makes them), since hostPath volumes ignore fsGroup and the importer runs as
+UID 65532.
 
-The scheduler will not place a Pod whose claim is unbound, and this cluster has no storage driver, so the
-test kubelet also plays the external provisioner of the default StorageClass ``local-folder``: the volume of
-claim ``<namespace>/<claim>`` is the folder ``<workdir>/pvc/<namespace>/<claim>`` (the same folder the
-kubelet mounts for it). Released volumes are deleted; their folders are kept (tests may look inside).
+The scheduler will not place a Pod whose claim is unbound, and this cluster has no storage driver, so this
+is the external provisioner of the default StorageClass ``local-folder``: the volume of claim
+``<namespace>/<claim>`` is the folder ``<workdir>/pvc/<namespace>/<claim>`` (kubelet mounts it as a
+hostPath). Released volumes are deleted; their folders are kept (tests may look inside).
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
-"""pytest fixtures for tests against the local control plane (registered by tests/conftest.py).
+"""pytest fixtures for tests against the local cluster (registered by tests/conftest.py).
 
-* ``kube_cluster`` (session): builds the binaries (or finds them in the cache), starts etcd, the API server,
-  the controller-manager, the scheduler and the test kubelet once per session in a temporary workdir, and
-  stops them by PID at the end, also when the session is interrupted (Ctrl-C or SIGTERM: teardown runs;
-  the parent's death by SIGKILL: the components get SIGTERM from the kernel via PR_SET_PDEATHSIG).
+* ``kube_cluster`` (session): one cluster for the whole session: etcd, the API server, the controller-manager,
+  the scheduler and a real node (containerd, runc, CNI, kube-proxy, kubelet v1.20.2; the images built from
+  the Dockerfile loaded; all built once and cached). It runs in a workdir under /tmp that UID 65532 (the
+  images' user) can traverse, since Pods mount its folders (claims, conversation trees) as hostPath volumes.
+  It is stopped at the end, also when the session is interrupted (Ctrl-C or SIGTERM: teardown runs; the
+  parent's death by SIGKILL: the components get SIGTERM from the kernel via PR_SET_PDEATHSIG).
 * ``kube_api`` (session): a ``kubernetes.client.ApiClient`` for the admin kubeconfig.
 * ``namespace`` (function): a fresh namespace whose default ServiceAccount can already run Pods; deleted
   after the test.
-
-* ``real_cluster`` (session): a second control plane with a real node (containerd, runc, CNI, kube-proxy,
-  kubelet v1.20.2; the images built from the Dockerfile loaded), in a workdir under /tmp that UID 65532 (the
-  images' user) can traverse, since Pods mount its folders (claims, conversation trees) as hostPath volumes.
+* ``pod_readable_dir`` (session): makes a folder in the cluster's workdir that the images' user can read,
+  for the trees a test mounts into Pods as hostPath volumes (pytest's own tmp_path is private to root).
 
 Tests using any of them are marked ``cluster`` automatically.
 """
@@ -25,7 +25,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -36,7 +36,7 @@ from kubernetes.client.exceptions import ApiException
 
 from localcluster.cluster import LocalCluster
 
-CLUSTER_FIXTURES = {"kube_cluster", "kube_api", "namespace", "real_cluster"}
+CLUSTER_FIXTURES = {"kube_cluster", "kube_api", "namespace", "pod_readable_dir"}
 #: Building kubelet, kube-proxy and the images the first time happens before this clock starts.
 REAL_NODE_START_SECONDS = 300
 NAMESPACE_READY_SECONDS = 30
@@ -71,22 +71,29 @@ def _running(cluster: LocalCluster, **start: Any) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path_factory.mktemp("localcluster"), die_with_parent=True)
-    with _running(cluster):
-        yield cluster
-
-
-@pytest.fixture(scope="session")
-def real_cluster() -> Iterator[LocalCluster]:
+def kube_cluster() -> Iterator[LocalCluster]:
     workdir = Path(tempfile.mkdtemp(prefix="reflection-node-"))
     workdir.chmod(0o755)
-    cluster = LocalCluster(workdir, die_with_parent=True, real_node=True)
+    cluster = LocalCluster(workdir, die_with_parent=True)
     try:
         with _running(cluster, timeout=REAL_NODE_START_SECONDS):
             yield cluster
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pod_readable_dir(kube_cluster: LocalCluster) -> Callable[[str], Path]:
+    """``pod_readable_dir(name)``: a new folder that Pods (UID 65532) can read; make files in it readable
+    (0644, as the default umask does)."""
+
+    def make(name: str) -> Path:
+        folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=kube_cluster.workdir / "data"))
+        folder.chmod(0o755)
+        return folder
+
+    (kube_cluster.workdir / "data").mkdir(mode=0o755, exist_ok=True)
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """A thin JSON-in, JSON-out layer over the Kubernetes client's HTTP machinery.
 
-The test kubelet handles Pods, Nodes and Leases as plain dicts (what the API server sends), which keeps it
+The folder provisioner handles claims and volumes as plain dicts (what the API server sends), which keeps it
 free of the generated model classes; authentication, TLS and connection pooling still come from the
 official client.
 """

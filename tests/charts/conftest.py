@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,9 +70,10 @@ def find_fixture() -> Callable[..., dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def logs_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A volume's root holding a generated conversation tree in its folder "projects" (the examples' subPath)."""
-    root = tmp_path_factory.mktemp("chart-logs")
+def logs_tree(pod_readable_dir: Callable[[str], Path]) -> Path:
+    """A volume's root holding a generated conversation tree in its folder "projects" (the examples' subPath),
+    readable by the Pods that mount it."""
+    root = pod_readable_dir("chart-logs")
     subprocess.run(
         [sys.executable, str(MAKE_CORPUS), str(root / "projects"), "--files", "6", "--profile", "small"],
         check=True,

@@ -1,15 +1,13 @@
-"""The chart and the manifests on the real kube-apiserver of the local control plane.
-
-The test kubelet runs the operator Deployment's container command (``python -m reflection_operator``) with
-the environment the chart gives it, and the importer Jobs the operator makes, as local processes.
-"""
+"""The chart and the manifests on the local cluster: the operator and the importer Jobs it makes run in their
+containers on the real node, from the images built from the Dockerfile; the test reaches the operator's
+endpoints at its Pod's address (the node's bridge is on this machine)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import urllib.request
@@ -27,14 +25,12 @@ CHART = REPO / "charts" / "reflection-operator"
 EXAMPLES = REPO / "examples"
 RELEASE = "ro"
 OPERATOR_PODS = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
+#: The chart's and the manifests' default ports (values.yaml: livenessPort, metrics.port).
+LIVENESS_PORT, METRICS_PORT = 8080, 9090
+#: The images' user: it writes the embedded store.
+IMAGE_USER = 65532
 #: What a fresh namespace holds before anyone installs anything (and what the namespace controller owns).
 BUILT_IN = {("ServiceAccount", "default"), ("ConfigMap", "kube-root-ca.crt")}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -87,34 +83,27 @@ def leftovers(kube_cluster: Any, kubectl_json: Any, namespace: str) -> list[tupl
 
 
 def test_helm_install_runs_an_importrun_then_upgrade_rolls_and_uninstall_cleans_up(
-    kube_cluster, cluster_helm, kubectl_json, namespace, importrun_crd, logs_tree, tmp_path
+    kube_cluster, cluster_helm, kubectl_json, namespace, importrun_crd, logs_tree, pod_readable_dir
 ):
-    liveness, metrics = free_port(), free_port()
     install = cluster_helm.run(
-        "install", RELEASE, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s",
+        "install", RELEASE, str(CHART), "--namespace", namespace, "--wait", "--timeout", "300s",
         "--set", "scope=namespace",
-        # The test kubelet runs the importer from this venv: the model is where prepare_model puts it, not in
-        # an image's /opt/model. The ports are free ones: every Pod shares this machine's network.
-        "--set", f"importer.modelDir={prepare_model()}",
-        "--set", f"livenessPort={liveness}",
-        "--set", f"metrics.port={metrics}",
     )  # fmt: skip
     assert f"kubectl -n {namespace} get importruns -w" in install.stdout  # NOTES.txt: what to do next
     first = wait_for("the operator Pod to run", lambda: running_pod(kube_cluster, kubectl_json, namespace), 120)
     assert first["spec"]["containers"][0]["command"] == ["python", "-m", "reflection_operator"]
-    wait_for("the liveness endpoint", lambda: http_get(f"http://127.0.0.1:{liveness}/healthz")[0] == 200, 60)
-    code, body = http_get(f"http://127.0.0.1:{metrics}/metrics")
+    address = first["status"]["podIP"]
+    wait_for("the liveness endpoint", lambda: http_get(f"http://{address}:{LIVENESS_PORT}/healthz")[0] == 200, 60)
+    code, body = http_get(f"http://{address}:{METRICS_PORT}/metrics")
     assert code == 200 and "reflection_runs_started_total" in body
 
     # The one-off example, on a hostPath with the generated tree and into an embedded Qdrant; the rest as it is.
     (importrun,) = example("importrun-once.yaml")
     original = copy.deepcopy(importrun["spec"])
     importrun["spec"]["source"]["volume"] = {"hostPath": {"path": str(logs_tree)}}
-    store = tmp_path / "qdrant"
-    importrun["spec"]["qdrant"] = {
-        "path": "store",
-        "volume": {"hostPath": {"path": str(store), "type": "DirectoryOrCreate"}},
-    }
+    store = pod_readable_dir("chart-qdrant")
+    os.chown(store, IMAGE_USER, IMAGE_USER)
+    importrun["spec"]["qdrant"] = {"path": "store", "volume": {"hostPath": {"path": str(store), "type": "Directory"}}}
     assert original["source"]["subPath"] == importrun["spec"]["source"]["subPath"] == "projects"
     kube_cluster.kubectl_run("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump(importrun), check=True)
     name = importrun["metadata"]["name"]
@@ -151,7 +140,8 @@ def test_helm_install_runs_an_importrun_then_upgrade_rolls_and_uninstall_cleans_
     second = wait_for("a new operator Pod", rolled, 120)
     env_of = {e["name"]: e.get("value") for e in second["spec"]["containers"][0]["env"]}
     assert env_of["REFLECTION_RESYNC_SECONDS"] == "120"
-    wait_for("the new operator to answer", lambda: http_get(f"http://127.0.0.1:{liveness}/healthz")[0] == 200, 60)
+    address = second["status"]["podIP"]
+    wait_for("the new operator to answer", lambda: http_get(f"http://{address}:{LIVENESS_PORT}/healthz")[0] == 200, 60)
     # The new operator is the one that lets the ImportRun go (it removes kopf's finalizer).
     deleted = kube_cluster.kubectl_run("-n", namespace, "delete", "importrun", name, "--timeout=90s")
     assert deleted.returncode == 0, deleted.stderr
@@ -228,9 +218,11 @@ def test_kubectl_apply_of_the_manifests_installs_a_running_operator(kube_cluster
             120,
         )
         assert pod["spec"]["serviceAccountName"] == "reflection-operator"
+        assert re.fullmatch(r"reflection-operator:\S+", pod["spec"]["containers"][0]["image"])  # the image built here
         # It watches every namespace (scope cluster) and answers on the liveness port of the manifests.
-        wait_for("the liveness endpoint", lambda: http_get("http://127.0.0.1:8080/healthz")[0] == 200, 60)
-        assert "importruns" in json.loads(http_get("http://127.0.0.1:8080/healthz")[1])  # kopf's probe answer
+        healthz = f"http://{pod['status']['podIP']}:{LIVENESS_PORT}/healthz"
+        wait_for("the liveness endpoint", lambda: http_get(healthz)[0] == 200, 60)
+        assert "importruns" in json.loads(http_get(healthz)[1])  # kopf's probe answer
         assert (
             running_pod(kube_cluster, kubectl_json, "reflection-system", selector)["status"]["containerStatuses"][0][
                 "restartCount"

@@ -1,5 +1,5 @@
 """End to end on a real node: kubelet v1.20.2, containerd, runc, CNI and kube-proxy, with the two images built
-from the project's Dockerfile (``real_cluster``).
+from the project's Dockerfile (``kube_cluster``): the operator too runs in its container here.
 
 Nothing here runs as a local process of the test: the operator and the importer run in their containers, as
 UID 65532 on read-only root filesystems, reach the API server through the ``kubernetes`` Service with their
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import subprocess
 import sys
@@ -92,35 +91,35 @@ class Cluster:
 
 
 @pytest.fixture
-def ns(real_cluster: Any) -> Iterator[Cluster]:
+def ns(kube_cluster: Any) -> Iterator[Cluster]:
     name = f"e2e-{secrets.token_hex(3)}"
-    real_cluster.kubectl_run("create", "namespace", name, check=True)
+    kube_cluster.kubectl_run("create", "namespace", name, check=True)
     wait_for(
         "the default ServiceAccount's token",
-        lambda: "default-token" in real_cluster.kubectl_run("-n", name, "get", "secrets").stdout,
+        lambda: "default-token" in kube_cluster.kubectl_run("-n", name, "get", "secrets").stdout,
         60,
     )
-    yield Cluster(real_cluster, name)
-    for item in json.loads(real_cluster.kubectl_run("-n", name, "get", "importruns", "-o", "json").stdout or "{}").get(
+    yield Cluster(kube_cluster, name)
+    for item in json.loads(kube_cluster.kubectl_run("-n", name, "get", "importruns", "-o", "json").stdout or "{}").get(
         "items", []
     ):
-        real_cluster.kubectl_run(
+        kube_cluster.kubectl_run(
             "-n", name, "patch", "importrun", item["metadata"]["name"], "--type=merge",
             "-p", '{"metadata":{"finalizers":null}}',
         )  # fmt: skip
-    real_cluster.kubectl_run("delete", "namespace", name, "--wait=false")
+    kube_cluster.kubectl_run("delete", "namespace", name, "--wait=false")
 
 
 @pytest.fixture(scope="session")
-def corpus(real_cluster: Any) -> tuple[Path, dict[str, Any]]:
-    """A generated conversation tree in the node's workdir (readable by UID 65532) and its manifest."""
-    out = real_cluster.workdir / "data" / "projects"
+def corpus(pod_readable_dir: Callable[[str], Path]) -> tuple[Path, dict[str, Any]]:
+    """A generated conversation tree that Pods can read and its manifest."""
+    out = pod_readable_dir("e2e-corpus") / "projects"
     subprocess.run(
         [sys.executable, str(MAKE_CORPUS), str(out), "--files", "6", "--profile", "small"],
         check=True,
         capture_output=True,
     )
-    for folder in (out.parent, *[p for p in out.rglob("*") if p.is_dir()], out):
+    for folder in (out, *[p for p in out.rglob("*") if p.is_dir()]):
         folder.chmod(0o755)
     return out, json.loads((out / "MANIFEST.json").read_text())
 
@@ -165,16 +164,16 @@ def stored_messages(store: Path) -> tuple[int, int]:
     return messages, duplicates
 
 
-def container_pid(real_cluster: Any, pod: dict[str, Any]) -> int:
+def container_pid(kube_cluster: Any, pod: dict[str, Any]) -> int:
     """The host PID of the Pod's first container, as containerd reports it."""
     container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
-    tasks = real_cluster.node.ctr("-n", "k8s.io", "tasks", "ls").stdout.splitlines()
+    tasks = kube_cluster.node.ctr("-n", "k8s.io", "tasks", "ls").stdout.splitlines()
     row = next(line.split() for line in tasks if line.startswith(container_id))
     return int(row[1])
 
 
 def test_helm_install_runs_the_operator_and_an_importrun_in_real_containers(
-    real_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
+    kube_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
 ) -> None:
     ns = installed
     (pod,) = ns.pods(OPERATOR_PODS)
@@ -183,7 +182,7 @@ def test_helm_install_runs_the_operator_and_an_importrun_in_real_containers(
     container = pod["spec"]["containers"][0]
     assert container["image"] == "reflection-operator:0.1.0" and container["livenessProbe"]["httpGet"]
     # What the kernel says about the operator's process: its user and its root filesystem.
-    pid = container_pid(real_cluster, pod)
+    pid = container_pid(kube_cluster, pod)
     uids = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
     assert uids.split()[1:] == [str(IMAGE_USER)] * 4, uids
     root_mount = next(
@@ -196,7 +195,7 @@ def test_helm_install_runs_the_operator_and_an_importrun_in_real_containers(
     status = ns.wait_phase("logs", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status
     assert status["filesDone"] == status["filesTotal"] == len(manifest["entries"]), status
-    messages, duplicates = stored_messages(real_cluster.pvc_dir(ns.namespace, "qdrant-logs") / "store")
+    messages, duplicates = stored_messages(kube_cluster.pvc_dir(ns.namespace, "qdrant-logs") / "store")
     assert (messages, duplicates) == (manifest["text_messages"], 0)
 
     (job,) = ns.jobs("logs")
@@ -214,7 +213,7 @@ def test_helm_install_runs_the_operator_and_an_importrun_in_real_containers(
 
 
 def test_deleting_an_importrun_mid_run_leaves_no_container(
-    real_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
+    kube_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
 ) -> None:
     ns = installed
     source, _ = corpus
@@ -228,20 +227,20 @@ def test_deleting_an_importrun_mid_run_leaves_no_container(
 
     pod = wait_for("the importer container to run", running_importer, 300)
     container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
-    assert container_id in real_cluster.node.running_containers()
+    assert container_id in kube_cluster.node.running_containers()
     ns.kubectl("delete", "importrun", "gone", "--timeout=120s")
     wait_for("the importer Pod to go", lambda: not ns.pods("reflection.dev/importrun=gone"), 120)
     wait_for(
         "containerd to have no importer container",
-        lambda: container_id not in real_cluster.node.running_containers(),
+        lambda: container_id not in kube_cluster.node.running_containers(),
         60,
     )
-    listed = real_cluster.node.ctr("-n", "k8s.io", "containers", "ls", "-q").stdout.split()
+    listed = kube_cluster.node.ctr("-n", "k8s.io", "containers", "ls", "-q").stdout.split()
     assert container_id not in listed
 
 
 def test_a_restarted_operator_adopts_the_running_job(
-    real_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
+    kube_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
 ) -> None:
     ns = installed
     source, manifest = corpus
@@ -251,48 +250,93 @@ def test_a_restarted_operator_adopts_the_running_job(
     status = ns.wait_phase("adopt", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status
     assert len(ns.jobs("adopt")) == 1
-    messages, duplicates = stored_messages(real_cluster.pvc_dir(ns.namespace, "qdrant-adopt") / "store")
+    messages, duplicates = stored_messages(kube_cluster.pvc_dir(ns.namespace, "qdrant-adopt") / "store")
     assert (messages, duplicates) == (manifest["text_messages"], 0)
 
 
-def test_an_importer_the_kernel_oom_kills_is_retried_with_more_memory(
-    real_cluster: Any, installed: Cluster, corpus: tuple[Path, dict[str, Any]]
+#: The OOM test's memory limit, halfway between two peaks of the container's memory cgroup measured at 1 GiB on
+#: the real node: 402 MiB importing the small corpus (the model loaded, page cache included) and 631 MiB with
+#: the large record below. So the first files are imported, and the kernel kills the importer while it parses
+#: that record.
+OOM_LIMIT = "512Mi"
+#: Short messages (one chunk each) between the first file and the large record: more chunks than the pipeline
+#: holds in flight (2 x 128 queued for embedding, a window being embedded, 2 queued for upserting, one being
+#: upserted: at most 768), so when the reader reaches the large record the first file has been written and
+#: acknowledged, and the first acknowledgement always saves the state.
+FILLER_MESSAGES = 1000
+#: orjson makes a Python list (~72 bytes) of every "[]" (3 bytes): a line just under the importer's 8 MiB
+#: line limit costs ~200 MB while it is parsed, then is freed (the record has no text to import).
+LARGE_RECORD_BYTES = (8 << 20) - 4096
+
+
+def _record(kind: str, content: Any, index: int) -> str:
+    return json.dumps(
+        {
+            "type": kind,
+            "sessionId": "large-session",
+            "cwd": "/home/dev/projects/zz-large",
+            "timestamp": f"2026-03-18T08:{index // 60 % 60:02d}:{index % 60:02d}Z",
+            "message": {"role": kind, "content": content},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def oom_corpus(pod_readable_dir: Callable[[str], Path]) -> tuple[Path, list[tuple[str, int]]]:
+    """The small corpus plus, sorting last, one large session: many short messages, then a record whose
+    parsing needs ~200 MB more than the importer's steady state. Returns the tree and its files in the
+    importer's order (sorted relative paths) with their text messages."""
+    out = pod_readable_dir("oom-corpus") / "projects"
+    subprocess.run(
+        [sys.executable, str(MAKE_CORPUS), str(out), "--files", "6", "--profile", "small"],
+        check=True,
+        capture_output=True,
+    )
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    files = [(entry["path"], int(entry["text_messages"])) for entry in manifest["entries"]]
+    large = "zz-large/large-session.jsonl"
+    result = {"type": "tool_result", "tool_use_id": "toolu_large", "content": "@"}
+    skeleton = _record("user", [result], FILLER_MESSAGES)
+    units = (LARGE_RECORD_BYTES - len(skeleton)) // 3
+    tool_result = skeleton.replace('"@"', "[" + ",".join(["[]"] * units) + "]")
+    lines = [_record("user", f"short note {i}", i) for i in range(FILLER_MESSAGES)]
+    lines += [tool_result, _record("assistant", "read the large result", FILLER_MESSAGES + 1)]
+    (out / large).parent.mkdir()
+    (out / large).write_text("\n".join(lines) + "\n")
+    files.append((large, FILLER_MESSAGES + 1))
+    for path in (out, *out.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out, sorted(files)
+
+
+def test_an_importer_the_kernel_oom_kills_after_saving_files_resumes_with_more_memory(
+    kube_cluster: Any, installed: Cluster, oom_corpus: tuple[Path, list[tuple[str, int]]]
 ) -> None:
     ns = installed
-    source, manifest = corpus
-    retry = {"factor": 4, "maxMemory": "1Gi", "maxAttempts": 3}
-    # The importer's own memory budget (a fraction of the limit, 0.8 by default) would race the kernel and
-    # stop it first (MemoryBudgetExceeded, seen once in CI); at the whole limit only the kernel can end it.
-    tuning = {"operationalMemoryFraction": 1}
-    ns.apply(*embedded_importrun("oom", source, resources={"memory": "300Mi"}, memoryRetry=retry, tuning=tuning))
+    source, files = oom_corpus
+    retry = {"factor": 4, "maxMemory": "1Gi", "maxAttempts": 2}
+    # The importer's own budget at the whole limit: below it at every file's end, so only the kernel acts.
+    # One chunk per message; the state saved at (nearly) every finished file.
+    tuning = {"operationalMemoryFraction": 1, "chunkMessages": 1, "checkpointSeconds": 0.1}
+    run = embedded_importrun("oom", source, resources={"memory": OOM_LIMIT}, memoryRetry=retry, tuning=tuning)
+    ns.apply(*run)
     status = ns.wait_phase("oom", "Succeeded", "Failed", timeout=600)
     assert status["phase"] == "Succeeded", status
-    # Either ending is over the memory limit and must lead to the retry with more memory: the importer's own
-    # budget (it reads its container's cgroup limit) usually stops it first, state saved (exit 86); an
-    # allocation that outruns its sampling is OOM-killed by the kernel (seen in CI both ways, even with the
-    # budget at the whole limit).
-    assert status["lastFailure"]["reason"] in ("OOMKilled", "MemoryBudgetExceeded"), status["lastFailure"]
-    assert status["attempt"] >= 2 and status["memory"] == "1Gi"
-    messages, duplicates = stored_messages(real_cluster.pvc_dir(ns.namespace, "qdrant-oom") / "store")
-    assert (messages, duplicates) == (manifest["text_messages"], 0)
-
-
-def test_kubectl_apply_of_the_manifests_runs_the_operator(real_cluster: Any) -> None:
-    manifests = REPO / "manifests"
-    applied = real_cluster.kubectl_run("apply", "-f", str(manifests))
-    try:
-        assert applied.returncode == 0, applied.stderr
-        ns = Cluster(real_cluster, "reflection-system")
-        selector = "app.kubernetes.io/instance=reflection-operator,app.kubernetes.io/component=operator"
-
-        def ready_pod() -> dict[str, Any] | None:
-            pods = ns.pods(selector)
-            conditions = {c["type"]: c["status"] for c in (pods[0]["status"].get("conditions") or [])} if pods else {}
-            return pods[0] if conditions.get("Ready") == "True" else None
-
-        pod = wait_for("the operator Pod to be Ready", ready_pod, 300)
-        assert re.fullmatch(r"reflection-operator:\S+", pod["spec"]["containers"][0]["image"])
-        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
-    finally:
-        real_cluster.kubectl_run("delete", "-f", str(manifests / "02-operator.yaml"), "--wait=true", "--timeout=120s")
-        real_cluster.kubectl_run("delete", "-f", str(manifests / "00-namespace.yaml"), "--wait=false")
+    assert status["lastFailure"]["reason"] == "OOMKilled", status["lastFailure"]
+    assert OOM_LIMIT in status["lastFailure"]["message"]
+    assert (status["attempt"], status["memory"]) == (2, "1Gi"), status  # 512Mi x 4, capped at maxMemory
+    raised = next(c for c in status["conditions"] if c["type"] == "MemoryRaised")
+    assert raised["status"] == "True"
+    reasons = {event["reason"] for event in ns.json("get", "events")["items"]}
+    assert {"OOMKilled", "AttemptStarted"} <= reasons, reasons
+    (first,) = [job for job in ns.jobs("oom") if job["metadata"]["labels"]["reflection.dev/attempt"] == "1"]
+    assert first["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == OOM_LIMIT
+    # The retry found the files the first attempt saved in the ConfigMap state as unchanged (a prefix of the
+    # importer's order, since files are acknowledged in order) and read only the rest, the large one among them.
+    numbers = status["runNumbers"]
+    saved = numbers["filesUnchanged"]
+    assert 1 <= saved < len(files), numbers
+    assert numbers["filesRead"] == len(files) - saved, numbers
+    assert numbers["messages"] == sum(messages for _, messages in files[saved:]), numbers
+    messages, duplicates = stored_messages(kube_cluster.pvc_dir(ns.namespace, "qdrant-oom") / "store")
+    assert (messages, duplicates) == (sum(messages for _, messages in files), 0)

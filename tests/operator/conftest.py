@@ -24,7 +24,6 @@ from reflection_operator.settings import Settings
 from reflection_operator.spec import parse_spec
 
 from importer.contract import ShardSummary
-from importer.model import prepare_model
 from tests.importer.stored import embedded_store
 from tests.polling import wait_for
 
@@ -172,8 +171,8 @@ REPO = Path(__file__).resolve().parents[2]
 MAKE_CORPUS = Path(os.environ.get("REFLECTION_SHARED", REPO.parent / "shared")) / "corpus" / "make_corpus.py"
 
 
-def _corpus(tmp_path_factory: pytest.TempPathFactory, files: int) -> tuple[Path, dict[str, Any]]:
-    out = tmp_path_factory.mktemp(f"operator-corpus-{files}") / "projects"
+def _corpus(pod_readable_dir: Callable[[str], Path], files: int) -> tuple[Path, dict[str, Any]]:
+    out = pod_readable_dir(f"operator-corpus-{files}") / "projects"
     subprocess.run(
         [sys.executable, str(MAKE_CORPUS), str(out), "--files", str(files), "--profile", "small"],
         check=True,
@@ -183,15 +182,16 @@ def _corpus(tmp_path_factory: pytest.TempPathFactory, files: int) -> tuple[Path,
 
 
 @pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """A generated conversation tree (read-only source for several tests) and its manifest."""
-    return _corpus(tmp_path_factory, 8)
+def small_corpus(pod_readable_dir: Callable[[str], Path]) -> tuple[Path, dict[str, Any]]:
+    """A generated conversation tree (read-only source for several tests, mounted by the importer's Pods) and
+    its manifest."""
+    return _corpus(pod_readable_dir, 8)
 
 
 @pytest.fixture(scope="session")
-def forty_file_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def forty_file_corpus(pod_readable_dir: Callable[[str], Path]) -> tuple[Path, dict[str, Any]]:
     """A tree more than one embedding window long: a run stopped at its first checkpoint has files left."""
-    return _corpus(tmp_path_factory, 40)
+    return _corpus(pod_readable_dir, 40)
 
 
 class Kubectl:
@@ -274,10 +274,10 @@ def k8s(kube_cluster: Any, namespace: str, importrun_crd: Path) -> Iterator[Kube
 
 @pytest.fixture
 def operator_env(kube_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The operator's environment: the cluster's kubeconfig and where the test kubelet finds the model."""
+    """The operator's environment (it runs in this process; its importer Jobs run in their image, which holds
+    the model): the cluster's kubeconfig, no listening ports."""
     env = {
         "KUBECONFIG": str(kube_cluster.kubeconfig),
-        "REFLECTION_IMPORTER_MODEL_DIR": str(prepare_model()),
         "REFLECTION_METRICS_PORT": "0",
         "REFLECTION_LIVENESS_PORT": "0",
         "REFLECTION_LOG_FORMAT": "plain",
