@@ -97,8 +97,9 @@ class LocalEmbedder:
         """
         if not texts:
             return []
-        session = self._require_session()
         loop = asyncio.get_running_loop()
+        # The first call loads the model (seconds): not on the event loop.
+        session = await loop.run_in_executor(self._executor, self._require_session)
         encodings = await loop.run_in_executor(self._executor, self._tokenizer.encode_batch, list(texts))
         batches = list(_token_budget_batches([len(e.ids) for e in encodings], self.token_budget))
         embedded = await asyncio.gather(
