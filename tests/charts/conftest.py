@@ -82,8 +82,6 @@ def logs_tree(pod_readable_dir: Callable[[str], Path]) -> Path:
     return root
 
 
-
-
 def kubectl_json(cluster: Any, *args: str) -> Any:
     result = cluster.kubectl_run(*args, "-o", "json")
     if result.returncode != 0:
