@@ -164,6 +164,13 @@ def stored_messages(store: Path) -> tuple[int, int]:
     return messages, duplicates
 
 
+def import_ended(ns: Cluster, pod: str) -> dict[str, Any]:
+    """The importer's "import ended" log record (what that attempt's process did), read with kubectl logs."""
+    records = [json.loads(line) for line in ns.kubectl("logs", pod).splitlines() if line.startswith("{")]
+    ended: dict[str, Any] = next(record for record in records if record.get("message") == "import ended")
+    return ended
+
+
 def container_pid(kube_cluster: Any, pod: dict[str, Any]) -> int:
     """The host PID of the Pod's first container, as containerd reports it."""
     container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
@@ -255,9 +262,9 @@ def test_a_restarted_operator_adopts_the_running_job(
 
 
 #: The OOM test's memory limit, halfway between two peaks of the container's memory cgroup measured at 1 GiB on
-#: the real node: 402 MiB importing the small corpus (the model loaded, page cache included) and 631 MiB with
-#: the large record below. So the first files are imported, and the kernel kills the importer while it parses
-#: that record.
+#: the real node with a batch budget of 8 x 256 tokens: 402 MiB importing the small corpus (the model loaded,
+#: page cache included) and 631 MiB with the large record below. So the first files are imported, and the
+#: kernel kills the importer while it parses that record.
 OOM_LIMIT = "512Mi"
 #: Short messages (one chunk each) between the first file and the large record: more chunks than the pipeline
 #: holds in flight (2 x 128 queued for embedding, a window being embedded, 2 queued for upserting, one being
@@ -317,7 +324,9 @@ def test_an_importer_the_kernel_oom_kills_after_saving_files_resumes_with_more_m
     retry = {"factor": 4, "maxMemory": "1Gi", "maxAttempts": 2}
     # The importer's own budget at the whole limit: below it at every file's end, so only the kernel acts.
     # One chunk per message; the state saved at (nearly) every finished file.
-    tuning = {"operationalMemoryFraction": 1, "chunkMessages": 1, "checkpointSeconds": 0.1}
+    # The batch budget of 8 x 256 tokens, at which the two peaks below OOM_LIMIT were measured (the default's
+    # smaller batches lower the steady state, and the large record then fit under the limit).
+    tuning = {"operationalMemoryFraction": 1, "chunkMessages": 1, "checkpointSeconds": 0.1, "batchSize": 8}
     run = embedded_importrun("oom", source, resources={"memory": OOM_LIMIT}, memoryRetry=retry, tuning=tuning)
     ns.apply(*run)
     status = ns.wait_phase("oom", "Succeeded", "Failed", timeout=600)
@@ -331,12 +340,16 @@ def test_an_importer_the_kernel_oom_kills_after_saving_files_resumes_with_more_m
     assert {"OOMKilled", "AttemptStarted"} <= reasons, reasons
     (first,) = [job for job in ns.jobs("oom") if job["metadata"]["labels"]["reflection.dev/attempt"] == "1"]
     assert first["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == OOM_LIMIT
-    # The retry found the files the first attempt saved in the ConfigMap state as unchanged (a prefix of the
-    # importer's order, since files are acknowledged in order) and read only the rest, the large one among them.
+    # The run's numbers cover both attempts: every file read once, none unchanged, every message.
     numbers = status["runNumbers"]
-    saved = numbers["filesUnchanged"]
-    assert 1 <= saved < len(files), numbers
-    assert numbers["filesRead"] == len(files) - saved, numbers
-    assert numbers["messages"] == sum(messages for _, messages in files[saved:]), numbers
+    assert (numbers["filesRead"], numbers["filesUnchanged"]) == (len(files), 0), numbers
+    assert numbers["messages"] == sum(messages for _, messages in files), numbers
+    # The retry itself read only what the first attempt had not saved in the ConfigMap state (a prefix of the
+    # importer's order, since files are acknowledged in order), the large file among them: its own record says.
+    (retry_pod,) = ns.pods("reflection.dev/importrun=oom,reflection.dev/attempt=2")
+    retried = import_ended(ns, retry_pod["metadata"]["name"])
+    saved = len(files) - retried["files"]
+    assert 1 <= saved < len(files), retried
+    assert retried["messages"] == sum(messages for _, messages in files[saved:]), retried
     messages, duplicates = stored_messages(kube_cluster.pvc_dir(ns.namespace, "qdrant-oom") / "store")
     assert (messages, duplicates) == (sum(messages for _, messages in files), 0)
