@@ -249,12 +249,15 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(names[:3]), help=f"comma-separated, of {names}")
     parser.add_argument("--baseline", default="main", help="the commit whose importer 'before' uses (default main)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--work", type=Path, help="keep the imports here, reuse them next time")
     args = parser.parse_args()
     chosen = [c for c in CONFIGURATIONS if c.name in args.configs.split(",")]
     queries = load_queries(args.corpus)
     mark_relevant(args.corpus, queries)
-    with tempfile.TemporaryDirectory(prefix="retrieval-bench-") as work:
-        results = [measure(args.corpus.resolve(), config, queries, Path(work), args.baseline) for config in chosen]
+    with tempfile.TemporaryDirectory(prefix="retrieval-bench-") as scratch:
+        work = args.work or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        results = [measure(args.corpus.resolve(), config, queries, work, args.baseline) for config in chosen]
     print(json.dumps(results, indent=2) if args.json else table(results))
 
 
