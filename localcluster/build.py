@@ -86,12 +86,12 @@ def ensure_all_built() -> tuple[Path, Path]:
 
 
 def _ensure(sets: tuple[tuple[str, ...], ...]) -> list[Path]:
-    missing = [binaries for binaries in sets if not is_built(binaries)]
+    # Locked (and built) always in the order of the folders' paths, the control plane's first: two processes
+    # never each hold a lock the other one waits for.
+    missing = sorted((binaries for binaries in sets if not is_built(binaries)), key=cache_dir)
     if missing:
         with ExitStack() as locks:
-            # Always in the order of the folders' paths (the control plane's first): two processes never each
-            # hold a lock the other one waits for.
-            for binaries in sorted(missing, key=cache_dir):
+            for binaries in missing:
                 cache_dir(binaries).mkdir(parents=True, exist_ok=True)
                 locks.enter_context(_exclusive_lock(cache_dir(binaries) / "build.lock"))
             # Another process may have finished a set while we waited for its lock.
@@ -239,17 +239,22 @@ def _build(sets: tuple[tuple[str, ...], ...]) -> None:
     workdir = cache_dir(sets[0]) / "work"
     workdir.mkdir(exist_ok=True)
     started = time.monotonic()
-    ensure_packages(BUILD_PACKAGES)
-    tarball = _download_source(workdir)
-    tree = _unpack(tarball, workdir)
-    _patch_reflect2(tree)
     names = tuple(name for binaries in sets for name in binaries)
-    out = _compile(tree, names)
+    out = _compile_from_source(workdir, names)
     for binaries in sets:
         _install(out, binaries)
     shutil.rmtree(workdir)  # the source tree and Go cache are several GiB; only the binaries are kept
     folders = " and ".join(str(bin_dir(binaries)) for binaries in sets)
     log.info("built %s in %.0f s into %s", ", ".join(names), time.monotonic() - started, folders)
+
+
+def _compile_from_source(workdir: Path, binaries: tuple[str, ...]) -> Path:
+    """Fetch and unpack Debian's source in ``workdir``, compile ``binaries``; return the folder holding them."""
+    ensure_packages(BUILD_PACKAGES)
+    tarball = _download_source(workdir)
+    tree = _unpack(tarball, workdir)
+    _patch_reflect2(tree)
+    return _compile(tree, binaries)
 
 
 def main() -> int:
