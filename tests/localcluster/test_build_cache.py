@@ -1,8 +1,8 @@
 """The build cache only counts a build as finished when its marker and every binary are in place.
 
-Compiling Kubernetes takes most of an hour, so the tests below that build stand in shell scripts for the
-compiled binaries (the ``compiles`` fixture): they test which sets are built, how, and under which locks, not
-the compile itself (that is measured by hand: README, "First-time builds").
+Compiling Kubernetes takes a quarter of an hour or more, so the tests below that build stand in shell scripts
+for the compiled binaries (the ``compiles`` fixture): they test which sets are built, how, and under which
+locks, not the compile itself (that is measured by hand: README, "First-time builds").
 """
 
 from __future__ import annotations
