@@ -31,11 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     if args.command == "build":
-        build.ensure_packages(build.RUNTIME_PACKAGES)
-        print(build.ensure_built())
-        # kubelet, kube-proxy and the images: what the node needs
-        build.ensure_packages(node.NODE_PACKAGES)
-        print(build.ensure_built(build.NODE_BINARIES))
+        build.ensure_packages(build.RUNTIME_PACKAGES + node.NODE_PACKAGES)
+        # the control plane, kubelet and kube-proxy (one compile when all are missing), then the node's images
+        for folder in build.ensure_all_built():
+            print(folder)
         images.build_images()
         return 0
     cluster = LocalCluster(args.workdir)

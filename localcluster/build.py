@@ -1,15 +1,19 @@
-"""Build kube-apiserver, kube-controller-manager, kube-scheduler and kubectl v1.20.2 from Debian's source.
+"""Build Kubernetes v1.20.2 from Debian's source: the control plane and the node's binaries.
 
 No Kubernetes binaries can be downloaded here (GitHub and dl.k8s.io are out of reach), but Debian bookworm's
 source package ``kubernetes`` carries the full upstream v1.20.2 tree with its vendored dependencies, so we
-compile the four binaries we need with Debian's Go 1.19 and keep only them in the cache.
+compile the binaries we need with Debian's Go 1.19 and keep only them in the cache: kube-apiserver,
+kube-controller-manager, kube-scheduler and kubectl in one folder, kubelet and kube-proxy in another (other
+sessions run the control plane from its folder while a node build happens).
 
 It needs root: it adds deb-src entries (``/etc/apt/sources.list.d/reflection-operator-deb-src.sources``,
 mirroring the machine's deb entries) and apt-installs Go 1.19 and the other build tools.
 
 The build is idempotent: a finished build is recognised by a marker file written last, after the binaries
-have been moved into place; anything else in the cache directory is treated as debris and redone. A file
-lock keeps two sessions from building at the same time.
+have been moved into place; anything else in the cache directory is treated as debris and redone. Each folder
+has a file lock that keeps two sessions from building it at the same time. ``ensure_all_built`` builds
+whatever is missing of both sets in one ``make`` (on a fresh machine the shared packages and the code
+generation are then done once, not twice), holding the locks of both folders, always taken in the same order.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -72,13 +76,29 @@ def is_built(binaries: tuple[str, ...] = BINARIES) -> bool:
 
 def ensure_built(binaries: tuple[str, ...] = BINARIES) -> Path:
     """Return the directory holding ``binaries``, building them first if the cache has none."""
-    if is_built(binaries):
-        return bin_dir(binaries)
-    cache_dir(binaries).mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(cache_dir(binaries) / "build.lock"):
-        if not is_built(binaries):  # another process may have finished while we waited for the lock
-            _build(binaries)
-    return bin_dir(binaries)
+    return _ensure((binaries,))[0]
+
+
+def ensure_all_built() -> tuple[Path, Path]:
+    """Return the control plane's and the node's directories, building whatever is missing in one compile."""
+    control_plane, node = _ensure((BINARIES, NODE_BINARIES))
+    return control_plane, node
+
+
+def _ensure(sets: tuple[tuple[str, ...], ...]) -> list[Path]:
+    # Locked (and built) always in the order of the folders' paths, the control plane's first: two processes
+    # never each hold a lock the other one waits for.
+    missing = sorted((binaries for binaries in sets if not is_built(binaries)), key=cache_dir)
+    if missing:
+        with ExitStack() as locks:
+            for binaries in missing:
+                cache_dir(binaries).mkdir(parents=True, exist_ok=True)
+                locks.enter_context(_exclusive_lock(cache_dir(binaries) / "build.lock"))
+            # Another process may have finished a set while we waited for its lock.
+            still_missing = tuple(binaries for binaries in missing if not is_built(binaries))
+            if still_missing:
+                _build(still_missing)
+    return [bin_dir(binaries) for binaries in sets]
 
 
 @contextmanager
@@ -212,19 +232,29 @@ def _install(out: Path, binaries: tuple[str, ...]) -> None:
     tmp.rename(cache_dir(binaries) / MARKER_NAME)
 
 
-def _build(binaries: tuple[str, ...]) -> None:
-    (cache_dir(binaries) / MARKER_NAME).unlink(missing_ok=True)
-    workdir = cache_dir(binaries) / "work"
+def _build(sets: tuple[tuple[str, ...], ...]) -> None:
+    """Compile every set in one ``make`` from one unpacked tree, then install each into its own folder."""
+    for binaries in sets:
+        (cache_dir(binaries) / MARKER_NAME).unlink(missing_ok=True)
+    workdir = cache_dir(sets[0]) / "work"
     workdir.mkdir(exist_ok=True)
     started = time.monotonic()
+    names = tuple(name for binaries in sets for name in binaries)
+    out = _compile_from_source(workdir, names)
+    for binaries in sets:
+        _install(out, binaries)
+    shutil.rmtree(workdir)  # the source tree and Go cache are several GiB; only the binaries are kept
+    folders = " and ".join(str(bin_dir(binaries)) for binaries in sets)
+    log.info("built %s in %.0f s into %s", ", ".join(names), time.monotonic() - started, folders)
+
+
+def _compile_from_source(workdir: Path, binaries: tuple[str, ...]) -> Path:
+    """Fetch and unpack Debian's source in ``workdir``, compile ``binaries``; return the folder holding them."""
     ensure_packages(BUILD_PACKAGES)
     tarball = _download_source(workdir)
     tree = _unpack(tarball, workdir)
     _patch_reflect2(tree)
-    out = _compile(tree, binaries)
-    _install(out, binaries)
-    shutil.rmtree(workdir)  # the source tree and Go cache are several GiB; only the binaries are kept
-    log.info("built %s in %.0f s into %s", ", ".join(binaries), time.monotonic() - started, bin_dir(binaries))
+    return _compile(tree, binaries)
 
 
 def main() -> int:

@@ -165,7 +165,7 @@ class LocalCluster:
             return
         self.stop()  # leftovers of a half-started or crashed cluster in this workdir
         build.ensure_packages(build.RUNTIME_PACKAGES)
-        build.ensure_built()
+        build.ensure_all_built()  # the node's binaries too: on a fresh machine both sets come from one compile
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
         built = self.node.prepare()  # builds (cached) before the clock starts
