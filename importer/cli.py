@@ -161,20 +161,29 @@ def _add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project", help="only this project (the last folder of the session's working directory)")
     parser.add_argument("--since", help="only moments since: a duration (2w, 3d, 12h) or a date (2026-01-31)")
     parser.add_argument("--role", choices=("user", "assistant"), help="only hits holding a message of this role")
+    parser.add_argument(
+        "--prefer-recent",
+        metavar="HALF_LIFE",
+        help="rank recent moments higher: one this old (30d, 2w) counts half as much as one from now (default: off)",
+    )
 
 
 def _search(args: argparse.Namespace) -> int:
-    from importer.search import SearchFilter, group_by_session, parse_since, search
+    from importer.search import SearchFilter, group_by_session, parse_half_life, parse_since, search
 
     settings = settings_module.from_arguments(args)
     since = parse_since(args.since) if args.since else None
     wanted = SearchFilter(project=args.project, since=since, role=args.role)
+    half_life = parse_half_life(args.prefer_recent) if args.prefer_recent else None
     if settings.json:
-        for hit in asyncio.run(search(settings, args.query, limit=args.limit, wanted=wanted)):
+        for hit in asyncio.run(
+            search(settings, args.query, limit=args.limit, wanted=wanted, recent_half_life=half_life)
+        ):
             print(json.dumps(hit.to_json(), ensure_ascii=False))
         return ExitCode.OK
     # Several hits of one session collapse into one entry: ask for more than the sessions shown.
-    hits = asyncio.run(search(settings, args.query, limit=args.limit * SESSION_OVERFETCH, wanted=wanted))
+    asked = args.limit * SESSION_OVERFETCH
+    hits = asyncio.run(search(settings, args.query, limit=asked, wanted=wanted, recent_half_life=half_life))
     if not hits:
         print("no results (has anything been imported into this Qdrant with this provider?)")
     for rank, group in enumerate(group_by_session(hits, args.limit), 1):

@@ -18,7 +18,7 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 
-from importer.search import Searcher, SearchFilter, messages_around, parse_since
+from importer.search import Searcher, SearchFilter, messages_around, parse_half_life, parse_since
 from importer.settings import Settings
 
 #: Where Claude Code keeps its sessions: the default ``--source`` for reading a conversation.
@@ -49,13 +49,20 @@ def build_server(settings: Settings, *, idle_seconds: float | None) -> MCPServer
 
     @server.tool()
     async def search(
-        query: str, limit: int = 5, project: str | None = None, since: str | None = None
+        query: str,
+        limit: int = 5,
+        project: str | None = None,
+        since: str | None = None,
+        prefer_recent: str | None = None,
     ) -> list[dict[str, Any]]:
         """Past conversation moments about `query`, best first. `project`: only that project (the last folder
-        of its working directory); `since`: only moments since a duration ago (2w, 3d, 12h) or a date."""
+        of its working directory); `since`: only moments since a duration ago (2w, 3d, 12h) or a date;
+        `prefer_recent`: rank recent moments higher, a moment this old (30d, 2w) counting half as much as one
+        from now (off unless given)."""
         assert searcher is not None  # set by the lifespan
         wanted = SearchFilter(project=project, since=parse_since(since) if since else None)
-        hits = await searcher.search(query, limit=max(1, min(limit, 50)), wanted=wanted)
+        half_life = parse_half_life(prefer_recent) if prefer_recent else None
+        hits = await searcher.search(query, limit=max(1, min(limit, 50)), wanted=wanted, recent_half_life=half_life)
         return [_brief(hit.to_json()) for hit in hits]
 
     @server.tool()

@@ -10,6 +10,7 @@ store) nor fastembed: the tokenizer and one onnxruntime session embed the query,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ from importer.store import ScoredPayload, Sink, StoreQuery, fuse, open_sink
 if TYPE_CHECKING:
     from importer.embed.base import Embedder
 
-#: With a filter the store cannot apply (role), each collection is asked for this many times the hits
-#: wanted, and the filter is applied to those. Time is filtered by the store itself.
+#: With a filter the store cannot apply (role) or a preference for recent moments, each collection is asked
+#: for this many times the hits wanted, and the filter or the preference is applied to those. Time is filtered
+#: by the store itself.
 FILTER_OVERFETCH = 10
 #: Each ranking (dense, lexical) puts at least this many candidates into the fusion: a moment ranked 30th by
 #: meaning and 2nd by its words must still reach the top.
@@ -144,12 +146,26 @@ def group_by_session(hits: list[Hit], sessions: int) -> list[SessionHits]:
     return [SessionHits(session, found) for session, found in list(groups.items())[:sessions]]
 
 
+def parse_duration(value: str) -> timedelta | None:
+    """``2w``, ``3d``, ``12h``, ``30m``, ``1y``; None if ``value`` is not one."""
+    match = _DURATION.match(value.strip())
+    return timedelta(days=int(match.group(1)) * _UNIT_DAYS[match.group(2)]) if match else None
+
+
+def parse_half_life(value: str) -> timedelta:
+    """The age at which ``--prefer-recent`` halves a moment's score: a duration longer than none."""
+    duration = parse_duration(value)
+    if not duration:
+        raise SettingsError(f"--prefer-recent {value!r}: give the age at which a moment counts half (30d, 2w, 12h)")
+    return duration
+
+
 def parse_since(value: str, now: datetime | None = None) -> datetime:
     """``2w``, ``3d``, ``12h``, ``30m``, ``1y`` before now, or a date / date-time (ISO 8601, UTC if no zone)."""
     now = now or datetime.now(UTC)
-    match = _DURATION.match(value.strip())
-    if match:
-        return now - timedelta(days=int(match.group(1)) * _UNIT_DAYS[match.group(2)])
+    duration = parse_duration(value)
+    if duration is not None:
+        return now - duration
     try:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
@@ -162,13 +178,34 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
 
 def matches(hit: Hit, wanted: SearchFilter) -> bool:
     if wanted.since is not None:
-        try:
-            when = datetime.fromisoformat(hit.timestamp)
-        except ValueError:
-            return False  # no time: it cannot be shown to be recent
-        if (when if when.tzinfo else when.replace(tzinfo=UTC)) < wanted.since:
+        when = _when(hit)
+        if when is None or when < wanted.since:  # no time: it cannot be shown to be recent
             return False
     return wanted.role is None or any(m["role"] == wanted.role for m in hit.messages())
+
+
+def prefer_recent(hits: list[Hit], half_life: timedelta, now: datetime | None = None) -> list[Hit]:
+    """The hits re-ranked by their score times 0.5 ** (age / ``half_life``): a moment one half-life old counts
+    half as much as one from now, two half-lives a quarter. A hit without a time counts for nothing (it cannot be
+    shown to be recent) and keeps its place among those."""
+    now = now or datetime.now(UTC)
+
+    def weight(hit: Hit) -> float:
+        when = _when(hit)
+        if when is None:
+            return 0.0
+        return 0.5 ** (max(now - when, timedelta(0)) / half_life)
+
+    weighed = [dataclasses.replace(hit, score=hit.score * weight(hit)) for hit in hits]
+    return sorted(weighed, key=lambda hit: hit.score, reverse=True)
+
+
+def _when(hit: Hit) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(hit.timestamp)
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 class Searcher:
@@ -204,9 +241,16 @@ class Searcher:
         return searcher
 
     async def search(
-        self, query: str, *, limit: int = 5, wanted: SearchFilter | None = None, lexical: bool = True
+        self,
+        query: str,
+        *,
+        limit: int = 5,
+        wanted: SearchFilter | None = None,
+        lexical: bool = True,
+        recent_half_life: timedelta | None = None,
     ) -> list[Hit]:
-        """The best hits by meaning and, with ``lexical`` (the default), by the query's words, fused."""
+        """The best hits by meaning and, with ``lexical`` (the default), by the query's words, fused; with
+        ``recent_half_life``, recent ones preferred (see :func:`prefer_recent`)."""
         wanted = wanted or SearchFilter()
         async with self._using:
             if self._release is not None:
@@ -218,7 +262,8 @@ class Searcher:
                 if self._store is None:
                     self._store = await asyncio.to_thread(open_store, self.settings)
                 store = self._store
-                asked = limit * FILTER_OVERFETCH if wanted.needs_overfetch else limit
+                overfetch = wanted.needs_overfetch or recent_half_life is not None
+                asked = limit * FILTER_OVERFETCH if overfetch else limit
                 request = StoreQuery(
                     dense=await self._model.embed(query),
                     lexical=query_vector(query) if lexical else None,
@@ -226,7 +271,8 @@ class Searcher:
                     candidates=max(asked, FUSION_CANDIDATES),
                     since=wanted.since,
                 )
-                return await asyncio.to_thread(_search_collections, store, request, limit, wanted)
+                hits = await asyncio.to_thread(_search_collections, store, request, wanted)
+                return (prefer_recent(hits, recent_half_life) if recent_half_life else hits)[:limit]
             finally:
                 if self._idle_seconds is not None:
                     self._release = asyncio.get_running_loop().call_later(self._idle_seconds, self._release_soon)
@@ -266,13 +312,20 @@ def open_store(settings: Settings, *, for_writing: bool = False) -> Sink:
 
 
 async def search(
-    settings: Settings, query: str, *, limit: int = 5, project: str | None = None, wanted: SearchFilter | None = None
+    settings: Settings,
+    query: str,
+    *,
+    limit: int = 5,
+    project: str | None = None,
+    wanted: SearchFilter | None = None,
+    recent_half_life: timedelta | None = None,
 ) -> list[Hit]:
     """Top hits over every collection of this provider (or one project's); ``wanted``, if given, replaces
     ``project`` with all the filters."""
     searcher = await Searcher.open(settings)
     try:
-        return await searcher.search(query, limit=limit, wanted=wanted or SearchFilter(project=project))
+        wanted = wanted or SearchFilter(project=project)
+        return await searcher.search(query, limit=limit, wanted=wanted, recent_half_life=recent_half_life)
     finally:
         await searcher.aclose()
 
@@ -309,12 +362,12 @@ async def _query_model(settings: Settings) -> QueryModel:
     return QueryModel(embedder.embed_query, embedder.aclose)
 
 
-def _search_collections(sink: Sink, request: StoreQuery, limit: int, wanted: SearchFilter) -> list[Hit]:
+def _search_collections(sink: Sink, request: StoreQuery, wanted: SearchFilter) -> list[Hit]:
     names = sink.collections()
     if wanted.project is not None:
         names = [name for name in names if name == sink.collection_for(wanted.project)]
     hits = [_hit(found) for found in _ranked(sink, names, request)]
-    return [hit for hit in hits if matches(hit, wanted)][:limit]
+    return [hit for hit in hits if matches(hit, wanted)]
 
 
 def _ranked(sink: Sink, names: list[str], request: StoreQuery) -> list[ScoredPayload]:

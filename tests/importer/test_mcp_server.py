@@ -32,7 +32,13 @@ async def test_search_and_conversation_tools_over_stdio(searchable_store: Any, t
         await session.initialize()
         tools = {tool.name: tool for tool in (await session.list_tools()).tools}
         assert set(tools) == {"search", "conversation"}
-        assert set(tools["search"].input_schema["properties"]) == {"query", "limit", "project", "since"}
+        assert set(tools["search"].input_schema["properties"]) == {
+            "query",
+            "limit",
+            "project",
+            "since",
+            "prefer_recent",
+        }
 
         hits = await _call(session, "search", query="why did my dough stay flat", limit=3)
         assert 1 <= len(hits) <= 3
@@ -41,6 +47,8 @@ async def test_search_and_conversation_tools_over_stdio(searchable_store: Any, t
         assert best["messages"][0] == {"role": "user", "text": BAKERY_FIRST}
         assert {h["project"] for h in await _call(session, "search", query="dough", since="2w")} == {"infra"}
         assert {h["project"] for h in await _call(session, "search", query="dough", project="infra")} == {"infra"}
+        recent_first = await _call(session, "search", query="why did my dough stay flat", prefer_recent="7d")
+        assert recent_first[0]["project"] == "infra"
 
         around = await _call(
             session, "conversation", session_file=best["session_file"], chunk_index=best["chunk_index"], around=1

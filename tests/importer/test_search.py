@@ -12,7 +12,17 @@ from typing import Any
 
 import pytest
 
-from importer.search import Hit, SearchFilter, matches, messages_around, parse_since, session_of, split_messages
+from importer.search import (
+    Hit,
+    SearchFilter,
+    matches,
+    messages_around,
+    parse_half_life,
+    parse_since,
+    prefer_recent,
+    session_of,
+    split_messages,
+)
 from importer.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,6 +86,40 @@ def test_filters_by_time_project_and_role(searchable_store: Any) -> None:
         0,
         1,
     }
+
+
+def test_a_preference_for_recent_moments_is_off_unless_asked(searchable_store: Any) -> None:
+    query = "why did my dough stay flat"
+    assert _json_hits(searchable_store, query)[0]["project"] == "bakery"  # the best match, from 2025
+    recent = _json_hits(searchable_store, query, "--prefer-recent", "7d", "--limit", "10")
+    assert recent[0]["project"] == "infra"  # from this week: the old bakery's scores are halved ~100 times
+    assert {h["project"] for h in recent} == {"bakery", "infra"}  # re-ranked, not filtered
+    assert [h["score"] for h in recent] == sorted((h["score"] for h in recent), reverse=True)
+    refused = subprocess.run(
+        [sys.executable, "-m", "importer", "search", query, "--prefer-recent", "lately", *searchable_store.args()],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode != 0 and "--prefer-recent 'lately'" in refused.stderr
+
+
+def test_prefer_recent_halves_a_score_each_half_life() -> None:
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+
+    def hit(score: float, timestamp: str) -> Hit:
+        return Hit(score, "p", timestamp, "p/s.jsonl", 0, "", text="User: x")
+
+    old, new, undated = hit(0.5, "2026-01-30T00:00:00Z"), hit(0.3, "2026-02-28T00:00:00Z"), hit(0.9, "")
+    ranked = prefer_recent([old, undated, new], parse_half_life("30d"), now)
+    assert [h.timestamp for h in ranked] == [new.timestamp, old.timestamp, ""]
+    assert [h.score for h in ranked] == pytest.approx([0.3 * 0.5 ** (1 / 30), 0.5 * 0.5 ** (30 / 30), 0.0])
+    assert old.score == 0.5  # the hits given are not changed
+    assert prefer_recent([hit(0.5, "2026-03-02T00:00:00Z")], timedelta(days=1), now)[0].score == 0.5  # future: now
+    for bad in ("0d", "soon", ""):
+        with pytest.raises(SettingsError):
+            parse_half_life(bad)
 
 
 def test_messages_around_a_hit_come_from_the_session_file(searchable_store: Any) -> None:
