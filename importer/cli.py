@@ -89,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     mcp.set_defaults(handler=_mcp)
 
     migrate = commands.add_parser(
-        "migrate", help="move a store written by earlier versions (qdrant-client local mode) into the embedded store"
+        "migrate",
+        help="bring a store written by earlier versions up to date (qdrant-client local mode into the embedded "
+        "store; shards made before the lexical vector given one)",
     )
     migrate.add_argument("--qdrant-path", type=Path, required=True, help="folder of the store")
     migrate.set_defaults(handler=_migrate)
@@ -231,14 +233,16 @@ def _mcp(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from importer.store.edge import EdgeStore
-    from importer.store.legacy import needs_migration
+    from importer.store.legacy import BACKUP, dense_only_shards, needs_migration
 
-    if not needs_migration(args.qdrant_path):
-        print(f"{args.qdrant_path}: no local-mode store to migrate")
+    local_mode = needs_migration(args.qdrant_path)
+    if not local_mode and not (args.qdrant_path.is_dir() and dense_only_shards(args.qdrant_path)):
+        print(f"{args.qdrant_path}: nothing to migrate")
         return ExitCode.OK
     # Opening for writing migrates (under the store's lock, so never beside a running import).
     EdgeStore.open(args.qdrant_path, suffix="local", for_writing=True).close()
-    print(f"{args.qdrant_path}: migrated; the old files are in {args.qdrant_path}/local-mode-backup")
+    kept = f"; the old files are in {args.qdrant_path / BACKUP}" if local_mode else ""
+    print(f"{args.qdrant_path}: migrated{kept}")
     return ExitCode.OK
 
 

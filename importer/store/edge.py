@@ -61,8 +61,17 @@ def is_shard(folder: Path) -> bool:
 
 def has_lexical(folder: Path) -> bool:
     """Whether the shard keeps the lexical vector (shards made before it existed do not)."""
-    config = json.loads((folder / _SHARD_CONFIG).read_text())
-    return SPARSE_VECTOR in (config.get("sparse_vectors") or {})
+    return SPARSE_VECTOR in (_config(folder).get("sparse_vectors") or {})
+
+
+def dimensions_of(folder: Path) -> int:
+    """The size of the shard's dense vectors."""
+    return int(_config(folder)["vectors"][""]["size"])
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    config: dict[str, Any] = json.loads((folder / _SHARD_CONFIG).read_text())
+    return config
 
 
 def shard_config(dimensions: int) -> Any:
@@ -94,7 +103,7 @@ def _sparse(vector: Sparse) -> Any:
     return edge.SparseVector(vector.indices, vector.values)
 
 
-def _dense(vector: Any) -> list[float]:
+def dense_of(vector: Any) -> list[float]:
     """The dense vector of a record: the whole vector, or the unnamed one beside the lexical vector."""
     return list(vector[""] if isinstance(vector, dict) else vector)
 
@@ -202,7 +211,7 @@ class EdgeStore:
             offset=uuid.UUID(start) if start else None, limit=limit, with_payload=True, with_vector=True
         )
         records, next_start = self._shard(collection).scroll(request)
-        points = [Point(id=str(r.id), vector=_dense(r.vector), payload=dict(r.payload or {})) for r in records]
+        points = [Point(id=str(r.id), vector=dense_of(r.vector), payload=dict(r.payload or {})) for r in records]
         return points, None if next_start is None else str(next_start)
 
     def query(self, collection: str, request: StoreQuery) -> list[ScoredPayload]:
@@ -289,7 +298,7 @@ class EdgeStore:
         if not self._lexical[collection] and not warned:
             log.warning(
                 "collections made before the lexical vector existed (this one, maybe others) are searched by "
-                "meaning only, and their new points get no lexical vector; to add it, import again into a new store",
+                "meaning only until the next import run adds it (or `python -m importer migrate --qdrant-path`)",
                 extra={"collection": collection, "store": str(self.path)},
             )
 

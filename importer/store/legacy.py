@@ -1,10 +1,16 @@
-"""Moving a store written by earlier versions (qdrant-client's local mode) into the embedded store.
+"""Bringing a store written by earlier versions up to date: local mode into Edge, Edge shards without BM25.
 
 Local mode kept ``<path>/meta.json`` and one sqlite file per collection under ``<path>/collection/``, each
 row a pickled point. The migration streams those rows (read-only: the old files are never modified) into
 Edge shards built under ``<path>/.migrating/``, checks that every point arrived, then moves the old files
 aside into ``<path>/local-mode-backup/`` (delete it once you are happy) and the shards into place. A crash
 at any step leaves either the old store untouched or a finished migration that the next open completes.
+
+Edge shards made before the lexical vector existed are rebuilt with it, one at a time and the same way: the
+points (dense vectors and payloads as they are: nothing is embedded again) are copied into a new shard under
+``<path>/.adding-lexical/`` that adds each text's BM25 vector, counted, then swapped in for the old shard, which
+is deleted. A crash leaves the old shard in place (a half-made copy is made again) or a finished copy that the
+next open swaps in.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from importer.store import Point, StoreError
 log = logging.getLogger(__name__)
 
 STAGING = ".migrating"
+LEXICAL_STAGING = ".adding-lexical"
 BACKUP = "local-mode-backup"
 _DONE_MARKER = "COMPLETE"
 _LEGACY_ITEMS = ("meta.json", "collection", ".lock")
@@ -44,19 +51,29 @@ def needs_migration(path: Path) -> bool:
     return is_local_mode(path) or (path / STAGING / _DONE_MARKER).exists()
 
 
-def migrate_if_needed(path: Path, *, for_writing: bool) -> None:
-    """Finish or run a migration when ``path`` holds a local-mode store (the caller holds the folder lock).
+def dense_only_shards(path: Path) -> list[str]:
+    """The Edge shards of ``path`` made before the lexical vector existed."""
+    from importer.store.edge import has_lexical, is_shard
 
-    Only a writer migrates: a search stays read-only and fast, and names the command instead.
+    return sorted(d.name for d in path.iterdir() if not d.name.startswith(".") and is_shard(d) and not has_lexical(d))
+
+
+def migrate_if_needed(path: Path, *, for_writing: bool) -> None:
+    """Finish or run a migration when ``path`` holds a local-mode store or shards without the lexical vector
+    (the caller holds the folder lock).
+
+    Only a writer migrates: a search stays read-only and fast, and names the command for a local-mode store
+    (it searches dense-only shards by meaning alone).
     """
-    if not needs_migration(path):
-        return
-    if not for_writing:
-        raise StoreError(
-            f"{path} holds a store written by an earlier version (qdrant-client local mode); migrate it "
-            f"once with `{migrate_command(path)}` (or the next import run does it)"
-        )
-    migrate(path)
+    if needs_migration(path):
+        if not for_writing:
+            raise StoreError(
+                f"{path} holds a store written by an earlier version (qdrant-client local mode); migrate it "
+                f"once with `{migrate_command(path)}` (or the next import run does it)"
+            )
+        migrate(path)
+    if for_writing and ((path / LEXICAL_STAGING).exists() or dense_only_shards(path)):
+        add_lexical(path)
 
 
 def migrate(path: Path) -> dict[str, int]:
@@ -78,6 +95,70 @@ def migrate(path: Path) -> dict[str, int]:
         counts = json.loads((staging / _DONE_MARKER).read_text())
     _swap_in(path, staging)
     return counts
+
+
+def add_lexical(path: Path) -> dict[str, int]:
+    """Rebuild every shard without the lexical vector with it (see the module's docstring); returns the points
+    copied per shard."""
+    staging = path / LEXICAL_STAGING
+    staging.mkdir(exist_ok=True)
+    for marker in sorted(staging.glob("*.copied")):  # copies a crash kept from being swapped in
+        _swap_lexical(path, staging, marker.stem)
+    counts: dict[str, int] = {}
+    for name in dense_only_shards(path):
+        started = time.monotonic()
+        shutil.rmtree(staging / name, ignore_errors=True)  # a copy that crashed half-way starts over
+        counts[name] = _copy_shard(path / name, staging / name)
+        (staging / f"{name}.copied").write_text(str(counts[name]))
+        _swap_lexical(path, staging, name)
+        log.info(
+            "added the lexical vector to a shard made before it existed",
+            extra={"collection": name, "points": counts[name], "seconds": round(time.monotonic() - started, 1)},
+        )
+    shutil.rmtree(staging)
+    return counts
+
+
+def _copy_shard(source: Path, target: Path) -> int:
+    import qdrant_edge as edge
+
+    from importer.store.edge import create_shard, dense_of, dimensions_of, to_edge_points
+
+    old = edge.EdgeShard.load(str(source))
+    try:
+        new = create_shard(target, dimensions_of(source))
+        try:
+            copied = 0
+            offset = None
+            while True:
+                request = edge.ScrollRequest(offset=offset, limit=_BATCH, with_payload=True, with_vector=True)
+                records, offset = old.scroll(request)
+                points = [Point(str(r.id), dense_of(r.vector), dict(r.payload or {})) for r in records]
+                if points:
+                    new.update(edge.UpdateOperation.upsert_points(to_edge_points(points)))
+                    copied += len(points)
+                if offset is None:
+                    break
+            stored = int(new.count(edge.CountRequest(exact=True)))
+            if stored != copied:
+                raise StoreError(f"adding the lexical vector to {source}: {copied} points read but {stored} stored")
+            new.flush()
+        finally:
+            new.close()
+    finally:
+        old.close()
+    return copied
+
+
+def _swap_lexical(path: Path, staging: Path, name: str) -> None:
+    """The old shard aside, the copy in place, the old one deleted; each step may be repeated after a crash."""
+    old, copy, aside = path / name, staging / name, staging / f"{name}.old"
+    if copy.exists():
+        if old.exists():
+            old.rename(aside)
+        copy.rename(old)
+    shutil.rmtree(aside, ignore_errors=True)
+    (staging / f"{name}.copied").unlink()
 
 
 def _legacy_collections(path: Path) -> dict[str, int]:

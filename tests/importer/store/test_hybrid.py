@@ -19,9 +19,10 @@ from qdrant_client import QdrantClient, models
 from importer.embed.local import LocalEmbedder
 from importer.lexical import query_vector
 from importer.points import collection_name
-from importer.store import Point, Sink, StoreQuery, fuse
-from importer.store.edge import EdgeStore, has_lexical
+from importer.store import Point, Sink, StoreQuery, all_points, fuse, legacy
+from importer.store.edge import EdgeStore, has_lexical, to_edge_points
 from importer.store.export import export
+from importer.store.legacy import LEXICAL_STAGING
 from importer.store.server import ServerSink
 
 COLLECTION = collection_name("app", "local")
@@ -102,25 +103,36 @@ async def test_since_is_filtered_by_the_store_in_both_rankings(store: Sink, embe
         assert ranking and {hit.payload["timestamp"] for hit in ranking} == {"2025-02-15T10:00:00Z"}
 
 
+def _dense_only_shard(tmp_path: Path, points: list[Point]) -> Path:
+    """A shard as the importer made them before the lexical vector existed, holding ``points``."""
+    folder = tmp_path / "edge" / COLLECTION
+    folder.parent.mkdir(exist_ok=True)
+    dense_only = edge.EdgeConfig(
+        vectors=edge.EdgeVectorParams(size=384, distance=edge.Distance.Cosine, on_disk=True), on_disk_payload=True
+    )
+    shard = edge.EdgeShard.create(str(folder), dense_only)
+    shard.update(edge.UpdateOperation.upsert_points(to_edge_points(points, lexical=False)))
+    shard.close()
+    assert not has_lexical(folder)
+    return folder
+
+
 async def test_a_collection_made_before_the_lexical_vector_is_searched_by_meaning_only(
     tmp_path: Path, embedder: LocalEmbedder, caplog: pytest.LogCaptureFixture
 ) -> None:
     points = _points(embedder)
-    folder = tmp_path / "edge" / COLLECTION
-    folder.parent.mkdir()
-    dense_only = edge.EdgeConfig(
-        vectors=edge.EdgeVectorParams(size=384, distance=edge.Distance.Cosine, on_disk=True), on_disk_payload=True
-    )
-    edge.EdgeShard.create(str(folder), dense_only).close()  # a shard as the importer made them before
-    assert not has_lexical(folder)
+    _dense_only_shard(tmp_path, points)
     server_client = QdrantClient(path=str(tmp_path / "server"))
     dense_params = models.VectorParams(size=384, distance=models.Distance.COSINE)
     server_client.create_collection(COLLECTION, vectors_config=dense_params)
     server = ServerSink(server_client, suffix="local", attempts=1)
-    for sink in (_edge(tmp_path), server):
+    # A search opens the embedded store read-only: it changes nothing there and searches by meaning.
+    searcher = EdgeStore.open(tmp_path / "edge", suffix="local", for_writing=False)
+    for sink in (server, searcher):
         try:
             with caplog.at_level(logging.WARNING):
-                sink.upsert(COLLECTION, points)  # new points into an old collection: dense only, no error
+                if sink is server:
+                    sink.upsert(COLLECTION, points)  # new points into an old collection: dense only, no error
                 request = await _request(embedder, "ERR_OSSL_EVP_UNSUPPORTED")
                 assert len(sink.rankings(COLLECTION, request)) == 1
                 found = sink.query(COLLECTION, request)
@@ -129,6 +141,54 @@ async def test_a_collection_made_before_the_lexical_vector_is_searched_by_meanin
             caplog.clear()
         finally:
             sink.close()
+    assert not has_lexical(tmp_path / "edge" / COLLECTION)
+
+
+async def test_the_first_import_adds_the_lexical_vector_to_an_old_shard_keeping_every_point(
+    tmp_path: Path, embedder: LocalEmbedder
+) -> None:
+    points = _points(embedder)
+    folder = _dense_only_shard(tmp_path, points)
+    store = _edge(tmp_path)  # opened for writing, as an import run opens it
+    try:
+        assert has_lexical(folder) and not (tmp_path / "edge" / LEXICAL_STAGING).exists()
+        kept = {p.id: p for page in all_points(store, COLLECTION) for p in page}
+        assert set(kept) == {p.id for p in points}
+        for point in points:  # nothing embedded again: the same vectors and payloads
+            assert kept[point.id].payload == point.payload
+            assert kept[point.id].vector == pytest.approx(point.vector, abs=1e-6)
+        request = await _request(embedder, "ERR_OSSL_EVP_UNSUPPORTED")
+        assert [hit.payload["chunk_index"] for hit in store.rankings(COLLECTION, request)[1]] == [0]
+    finally:
+        store.close()
+
+
+async def test_a_lexical_rebuild_cut_short_by_a_crash_is_finished_by_the_next_open(
+    tmp_path: Path, embedder: LocalEmbedder
+) -> None:
+    points = _points(embedder)
+    folder = _dense_only_shard(tmp_path, points)
+    staging = tmp_path / "edge" / LEXICAL_STAGING
+    staging.mkdir()
+    # Crashed after copying and moving the old shard aside, before moving the copy in.
+    assert legacy._copy_shard(folder, staging / COLLECTION) == len(points)
+    (staging / f"{COLLECTION}.copied").write_text(str(len(points)))
+    folder.rename(staging / f"{COLLECTION}.old")
+    _edge(tmp_path).close()
+    assert has_lexical(folder) and not staging.exists()
+    # Crashed half-way through a copy: the copy is made again from the old shard, still in place.
+    other = collection_name("other", "local")
+    (tmp_path / "edge" / COLLECTION).rename(tmp_path / "edge" / other)
+    _dense_only_shard(tmp_path, points)
+    staging.mkdir()
+    (staging / COLLECTION).mkdir()
+    (staging / COLLECTION / "debris").write_text("half a shard")
+    store = _edge(tmp_path)
+    try:
+        assert has_lexical(folder) and not staging.exists()
+        assert store.count(COLLECTION) == store.count(other) == len(points)
+    finally:
+        store.close()
 
 
 async def test_an_export_to_a_server_carries_the_lexical_vector(tmp_path: Path, embedder: LocalEmbedder) -> None:
