@@ -32,9 +32,9 @@ class Settings:
     run_id: str = ""
     shard_index: int = 0
     shard_count: int = 1
-    #: 8 texts per call: as fast per CPU-second as 32 on 2 cores, and the model's activations peak at
-    #: ~360 MiB instead of ~700 MiB (measured; see README "Benchmarks").
-    batch_size: int = 4  # see importer.embed.local.DEFAULT_BATCH_SIZE
+    #: An embedding batch's budget of padded tokens, in 256-token texts: importer.embed.local.DEFAULT_BATCH_SIZE
+    #: (not imported here: that would load onnxruntime for every command).
+    batch_size: int = 2
     workers: int = 2
     chunk_messages: int = 5
     max_chunk_chars: int | None = None
@@ -106,7 +106,7 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "run_id": (str, "the run this process is an attempt of: work stamped with it counts as this run's, not unchanged"),
     "shard_index": (int, "this shard's index: files are split by a stable hash of their path"),
     "shard_count": (int, "number of shards"),
-    "batch_size": (int, "texts per embedding call (small keeps memory flat)"),
+    "batch_size": (int, "an embedding batch's budget of padded tokens, in 256-token texts (small keeps memory flat)"),
     "workers": (int, "embedding threads"),
     "chunk_messages": (int, "messages per chunk at most"),
     "max_chunk_chars": (int, "characters per chunk at most (default: what the model reads)"),

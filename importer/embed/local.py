@@ -28,17 +28,18 @@ from importer.model import MAX_TOKENS, check_model_dir, default_model_dir
 LOCAL_MAX_CHARS = 1000
 
 #: Texts of the full 256 tokens per onnxruntime call; the batches are cut by the budget of padded tokens
-#: (texts × longest text) this makes, so shorter texts go more at a time: with 4, a budget of 1024
-#: tokens, while 60-token texts go 17 at a time.
+#: (texts × longest text) this makes, so shorter texts go more at a time: with 2, a budget of 512 tokens,
+#: while 60-token texts go 8 at a time.
 #: Measured on 100 chunks of make_corpus.py's realistic profile, texts sorted by token count, 2 loaded
 #: cores: budgets of 2048 and 4096 tokens took 15-16 s, 8192 and fixed counts of 8 or 32 texts 23-24 s,
 #: one text at a time (no padding at all) 27 s: small batches keep activations in cache, and sorting
-#: leaves little padding to save.  Memory decides between the small ones: embedding 200 realistic chunks
-#: in a fresh process (2 workers), RSS went from 182-192 MB after loading to 379-410 MB with 8 (2048
-#: tokens), 281-298 MB with 4 and 234 MB with 2, in no measurably different time on the loaded machine:
-#: onnxruntime's arena keeps the largest activations it has served (attention alone is texts × 12 heads
-#: × length² floats), two batches at a time.
-DEFAULT_BATCH_SIZE = 4
+#: leaves little padding to save.  Memory decides between the small ones: onnxruntime's arena keeps the
+#: largest activations it has served (attention alone is texts × 12 heads × length² floats), two batches at
+#: a time.  Embedding 1,031 realistic chunks in a fresh process (2 workers, 3 alternating rounds, RSS 179 MB
+#: after loading), budgets of 1 / 2 / 3 / 4 × 256 tokens peaked at 226 / 247-248 / 266-275 / 297-301 MB and
+#: took 53.6-55.5 / 51.0-54.1 / 52.2-58.7 / 51.9-56.1 CPU-seconds: the same work.  2 leaves the importer
+#: room under its 350 MB target at the cost of no measurable speed; 1 would save 21 MB more.
+DEFAULT_BATCH_SIZE = 2
 
 _PAD_ID = 0  # [PAD] in this vocabulary
 

@@ -213,7 +213,7 @@ class FailureRetrySpec(_Section):
 
 
 class TuningSpec(_Section):
-    batch_size: int = Field(default=4, ge=1, le=4096)
+    batch_size: int = Field(default=2, ge=1, le=4096)  # the importer's own default (importer.embed.local)
     thread_pool_workers: int = Field(default=2, ge=1, le=64)
     chunk_messages: int = Field(default=5, ge=1, le=1000)
     operational_memory_fraction: float = Field(default=0.8, ge=0.1, le=1)

@@ -29,7 +29,7 @@ def test_defaults(make_world):
     assert (spec.memory_retry.factor, spec.memory_retry.max_memory, spec.memory_retry.max_attempts) == (1.5, 2 << 30, 3)
     assert (spec.failure_retry.max_retries, spec.failure_retry.backoff_seconds) == (2, 10)
     assert (spec.successful_runs_history_limit, spec.failed_runs_history_limit) == (3, 1)
-    assert (spec.tuning.batch_size, spec.tuning.thread_pool_workers, spec.tuning.chunk_messages) == (4, 2, 5)
+    assert (spec.tuning.batch_size, spec.tuning.thread_pool_workers, spec.tuning.chunk_messages) == (2, 2, 5)
     assert spec.parallelism == 1 and spec.image == SETTINGS.importer_image
     assert spec.source.sub_path == "projects"
     assert spec.claim_refs() == [("spec.source.volume.persistentVolumeClaim.claimName", "claude-logs")]

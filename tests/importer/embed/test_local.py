@@ -18,7 +18,7 @@ import pytest
 
 from importer.bert_onnx import build_bert_onnx
 from importer.embed.base import Embedder
-from importer.embed.local import LOCAL_MAX_CHARS, LocalEmbedder, _token_budget_batches
+from importer.embed.local import DEFAULT_BATCH_SIZE, LOCAL_MAX_CHARS, LocalEmbedder, _token_budget_batches
 from importer.model import (
     DEFAULT_MODEL,
     MAX_TOKENS,
@@ -27,6 +27,7 @@ from importer.model import (
     read_safetensors,
     source_weights_dir,
 )
+from importer.settings import Settings
 
 CORPUS_SCRIPT = Path(os.environ.get("CORPUS_SCRIPT", "/work/shared/corpus/make_corpus.py"))
 
@@ -51,8 +52,9 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 def test_implements_the_embedder_protocol(embedder: LocalEmbedder) -> None:
     as_protocol: Embedder = embedder  # checked by mypy
-    assert (as_protocol.name, as_protocol.dimensions, as_protocol.batch_size) == ("local", 384, 4)
-    assert embedder.token_budget == 4 * MAX_TOKENS
+    assert (as_protocol.name, as_protocol.dimensions, as_protocol.batch_size) == ("local", 384, DEFAULT_BATCH_SIZE)
+    assert embedder.token_budget == DEFAULT_BATCH_SIZE * MAX_TOKENS
+    assert Settings().batch_size == DEFAULT_BATCH_SIZE  # the command line's default is the embedder's
     assert as_protocol.max_chars == LOCAL_MAX_CHARS
 
 
