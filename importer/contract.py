@@ -4,7 +4,8 @@
   file's ``summary``) and the operator reads: this run's numbers and the totals of the shard's files;
 * the labels and annotations on what either side creates;
 * the importer's exit codes, which the operator acts on;
-* the environment variables through which the operator configures the importer in a Job.
+* the environment variables through which the operator configures the importer in a Job;
+* the importer's default batch budget, which the operator's ImportRun default passes on unchanged.
 
 Only the standard library and pydantic are imported here: the operator loads this module too.
 """
@@ -57,6 +58,12 @@ class ExitCode(IntEnum):
     #: Stopped by SIGTERM/SIGINT after finishing and saving what was in flight.
     INTERRUPTED = 143
 
+
+# -- defaults --------------------------------------------------------------------------------------------
+
+#: An embedding batch's budget of padded tokens, in 256-token texts (``--batch-size``, the ImportRun's
+#: ``tuning.batchSize``). Why 2: importer.embed.local, where it is measured.
+DEFAULT_BATCH_SIZE = 2
 
 # -- environment ---------------------------------------------------------------------------------------
 

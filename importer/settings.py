@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from importer.contract import ImporterEnv
+from importer.contract import DEFAULT_BATCH_SIZE, ImporterEnv
 
 
 @dataclass
@@ -32,9 +32,7 @@ class Settings:
     run_id: str = ""
     shard_index: int = 0
     shard_count: int = 1
-    #: An embedding batch's budget of padded tokens, in 256-token texts: importer.embed.local.DEFAULT_BATCH_SIZE
-    #: (not imported here: that would load onnxruntime for every command).
-    batch_size: int = 2
+    batch_size: int = DEFAULT_BATCH_SIZE
     workers: int = 2
     chunk_messages: int = 5
     max_chunk_chars: int | None = None

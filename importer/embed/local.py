@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
+from importer.contract import DEFAULT_BATCH_SIZE
 from importer.model import MAX_TOKENS, check_model_dir, default_model_dir
 
 #: Characters per chunk that the model reads in full.  all-MiniLM-L6-v2 reads 256 tokens (254 of
@@ -27,19 +28,19 @@ from importer.model import MAX_TOKENS, check_model_dir, default_model_dir
 #: windows of prose and code fit in 256 tokens 99.8 % of the time, 1100-character ones 98.7 %.
 LOCAL_MAX_CHARS = 1000
 
-#: Texts of the full 256 tokens per onnxruntime call; the batches are cut by the budget of padded tokens
-#: (texts × longest text) this makes, so shorter texts go more at a time: with 2, a budget of 512 tokens,
-#: while 60-token texts go 8 at a time.
-#: Measured on 100 chunks of make_corpus.py's realistic profile, texts sorted by token count, 2 loaded
-#: cores: budgets of 2048 and 4096 tokens took 15-16 s, 8192 and fixed counts of 8 or 32 texts 23-24 s,
-#: one text at a time (no padding at all) 27 s: small batches keep activations in cache, and sorting
-#: leaves little padding to save.  Memory decides between the small ones: onnxruntime's arena keeps the
-#: largest activations it has served (attention alone is texts × 12 heads × length² floats), two batches at
-#: a time.  Embedding 1,031 realistic chunks in a fresh process (2 workers, 3 alternating rounds, RSS 179 MB
-#: after loading), budgets of 1 / 2 / 3 / 4 × 256 tokens peaked at 226 / 247-248 / 266-275 / 297-301 MB and
-#: took 53.6-55.5 / 51.0-54.1 / 52.2-58.7 / 51.9-56.1 CPU-seconds: the same work.  2 leaves the importer
-#: room under its 350 MB target at the cost of no measurable speed; 1 would save 21 MB more.
-DEFAULT_BATCH_SIZE = 2
+# DEFAULT_BATCH_SIZE (importer.contract, so that the operator's default is the same one): why 2.
+# Texts of the full 256 tokens per onnxruntime call; the batches are cut by the budget of padded tokens
+# (texts × longest text) this makes, so shorter texts go more at a time: with 2, a budget of 512 tokens,
+# while 60-token texts go 8 at a time.
+# Measured on 100 chunks of make_corpus.py's realistic profile, texts sorted by token count, 2 loaded
+# cores: budgets of 2048 and 4096 tokens took 15-16 s, 8192 and fixed counts of 8 or 32 texts 23-24 s,
+# one text at a time (no padding at all) 27 s: small batches keep activations in cache, and sorting
+# leaves little padding to save.  Memory decides between the small ones: onnxruntime's arena keeps the
+# largest activations it has served (attention alone is texts × 12 heads × length² floats), two batches at
+# a time.  Embedding 1,031 realistic chunks in a fresh process (2 workers, 3 alternating rounds, RSS 179 MB
+# after loading), budgets of 1 / 2 / 3 / 4 × 256 tokens peaked at 226 / 247-248 / 266-275 / 297-301 MB and
+# took 53.6-55.5 / 51.0-54.1 / 52.2-58.7 / 51.9-56.1 CPU-seconds: the same work.  2 leaves the importer
+# room under its 350 MB target at the cost of no measurable speed; 1 would save 21 MB more.
 
 _PAD_ID = 0  # [PAD] in this vocabulary
 

@@ -28,6 +28,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from importer.contract import DEFAULT_BATCH_SIZE
+
 from .quantity import (
     CPU_PATTERN,
     MEMORY_PATTERN,
@@ -213,7 +215,7 @@ class FailureRetrySpec(_Section):
 
 
 class TuningSpec(_Section):
-    batch_size: int = Field(default=2, ge=1, le=4096)  # the importer's own default (importer.embed.local)
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=4096)
     thread_pool_workers: int = Field(default=2, ge=1, le=64)
     chunk_messages: int = Field(default=5, ge=1, le=1000)
     operational_memory_fraction: float = Field(default=0.8, ge=0.1, le=1)
