@@ -16,7 +16,9 @@ numbers do not.
    importer of another checkout (that interpreter's venv, its own model folder ``--baseline-model-dir``,
    prepared beforehand with that checkout's ``IMPORTER_MODEL_DIR=DIR python -m importer model prepare``)
    the same way. Per run:
-   tokens/s, chunks/s, MB of logs per minute, files/min, peak RSS, and the ratios.
+   tokens/s, chunks/s, MB of logs per minute, files/min, peak RSS, and the ratios. Then the ceiling: the
+   encoder's matrix work per second per worker thread in the importer's runs against onnxruntime's own
+   single-threaded MatMul on the model's weight shapes (how much faster the arithmetic could go at all).
 2. memory over a long run (``--long-sessions``, 0 to skip): RSS of the importer sampled every second;
    the median of the first and of the last quarter of the samples.
 """
@@ -72,15 +74,65 @@ def chunk_texts(root: Path, settings: Settings) -> list[str]:
     return texts
 
 
-def count_tokens(texts: list[str]) -> int:
-    """Tokens the model embeds for ``texts``: [CLS] and [SEP] included, each text truncated at 256."""
+def token_counts(texts: list[str]) -> list[int]:
+    """Tokens the model embeds for each of ``texts``: [CLS] and [SEP] included, truncated at 256."""
     from tokenizers import Tokenizer
 
     from importer.model import MAX_TOKENS, prepare_model
 
     tokenizer = Tokenizer.from_file(str(prepare_model() / "tokenizer.json"))
     tokenizer.enable_truncation(MAX_TOKENS)
-    return sum(len(encoding.ids) for encoding in tokenizer.encode_batch(texts))
+    return [len(encoding.ids) for encoding in tokenizer.encode_batch(texts)]
+
+
+def model_flops(lengths: list[int]) -> float:
+    """Floating-point operations the encoder needs for texts of these token counts, unpadded.
+
+    Per layer and token: the Q, K, V and output projections (4·h²) and the feed-forward pair (2·h·i)
+    multiply-adds; attention's scores and weighted sum 2·h·L more for a text of L tokens. Two operations
+    per multiply-add. Layer norms, GELU and softmax are left out: this is the matrix work alone.
+    """
+    from importer.model import prepare_model
+
+    config = json.loads((prepare_model() / "config.json").read_text())
+    hidden, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    per_token = 4 * hidden * hidden + 2 * hidden * inner
+    return 2.0 * layers * sum(length * (per_token + 2 * hidden * length) for length in lengths)
+
+
+def matmul_gflops(rows: int = 512, repeat: int = 100) -> float:
+    """onnxruntime's single-threaded MatMul on the encoder's own shapes (a batch of ``rows`` tokens through
+    the QKV, output and feed-forward weights): what one core can do, measured here and now."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from importer.model import prepare_model
+
+    config = json.loads((prepare_model() / "config.json").read_text())
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    flops = seconds = 0.0
+    for k, n in ((hidden, 3 * hidden), (hidden, hidden), (hidden, inner), (inner, hidden)):
+        weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n), np.float32), "w")
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])],
+            "matmul",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
+            [weight],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feed = {"x": np.ones((rows, k), np.float32)}
+        session.run(None, feed)
+        started = time.perf_counter()
+        for _ in range(repeat):
+            session.run(None, feed)
+        seconds += time.perf_counter() - started
+        flops += 2.0 * rows * k * n * repeat
+    return flops / seconds / 1e9
 
 
 def raw_fastembed_worker(texts_file: Path, threads: int, batch_size: int) -> None:
@@ -213,7 +265,8 @@ def throughput(args: argparse.Namespace, base: Path) -> None:
     manifest = make_corpus(root, args.sessions, args.profile, args.seed)
     settings = Settings()
     texts = chunk_texts(root, settings)
-    tokens = count_tokens(texts)
+    lengths = token_counts(texts)
+    tokens, flops = sum(lengths), model_flops(lengths)
     logs_mb = manifest["bytes"] / 2**20
     files = len(discover(root))
     print(f"corpus: {files} files, {logs_mb:.1f} MiB, {len(texts)} chunks, {tokens} tokens embedded")
@@ -243,6 +296,7 @@ def throughput(args: argparse.Namespace, base: Path) -> None:
     finally:
         texts_file.unlink()
     print_ratios(rows)
+    print_ceiling(rows["importer"], tokens, flops, settings.workers)
 
 
 def importer_run(
@@ -272,6 +326,20 @@ def print_ratios(rows: dict[str, list[dict[str, float]]]) -> None:
         )
         print(f"importer / {name}: peak RSS x{rss:.2f}")
     print("targets: tokens/s >= 1.3x raw fastembed; MB of logs/min >= 1.5x the baseline importer")
+
+
+def print_ceiling(runs: list[dict[str, float]], tokens: int, flops: float, workers: int) -> None:
+    """How close the importer's embedding runs to what the cores can do at all: the encoder's matrix work per
+    second per worker thread against onnxruntime's own single-threaded MatMul on the same shapes, measured
+    right after (nothing else of the bench running)."""
+    achieved = [flops / (tokens / run["tokens_per_s"]) / workers / 1e9 for run in runs]
+    ceiling = matmul_gflops()
+    rounds = ", ".join(f"{gflops:.0f}" for gflops in achieved)
+    print(
+        f"importer: {statistics.median(achieved):.0f} GFLOPS of matrix work per worker thread (rounds: {rounds}); "
+        f"onnxruntime MatMul alone on one core: {ceiling:.0f} GFLOPS "
+        f"(x{statistics.median(achieved) / ceiling:.2f}; {flops / tokens / 1e6:.1f} MFLOP per token)"
+    )
 
 
 def long_run(args: argparse.Namespace, base: Path) -> None:
