@@ -69,6 +69,17 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def anonymous_bytes() -> int:
+    """Resident memory only the process can give back: RSS less its file-backed pages.
+
+    The shared libraries (~75 MB) and the embedded store's memory-mapped files are counted in RSS, but a
+    cgroup at its limit reclaims those pages instead of killing; heap, arenas and tensors it cannot. This is
+    what runs into the limit, so it is what the memory budget is compared with.
+    """
+    info = psutil.Process().memory_info()
+    return int(info.rss - info.shared)
+
+
 class PeakRss:
     """Tracks the highest RSS seen at the points where it is sampled."""
 

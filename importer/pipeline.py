@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from importer.contract import RunNumbers, ShardSummary
 from importer.embed.base import Embedder
-from importer.memory import PeakRss, release_memory
+from importer.memory import PeakRss, anonymous_bytes, release_memory
 from importer.reader import ChunkItem, DeleteFile, FileDone, FileReader, Item, ReadLimits, discover, shard_of
 from importer.state.base import DELETED, FileState, StateStore
 from importer.store import Point, Sink
@@ -443,8 +443,10 @@ class Importer:
         release_memory()
         rss = self._peak.sample()
         budget = self.options.memory_budget
-        if budget is not None and rss > budget:
-            log.error("memory budget exceeded", extra={"rss_mb": rss >> 20, "budget_mb": budget >> 20})
+        held = anonymous_bytes()
+        if budget is not None and held > budget:
+            extra = {"anonymous_mb": held >> 20, "rss_mb": rss >> 20, "budget_mb": budget >> 20}
+            log.error("memory budget exceeded", extra=extra)
             self.request_stop("memory")
 
     async def _checkpoint(self, *, phase: str, force: bool = False) -> None:

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
-from importer.memory import PeakRss, cgroup_limit_files, memory_limit, release_memory
+from importer.memory import PeakRss, anonymous_bytes, cgroup_limit_files, memory_limit, release_memory, rss_bytes
 
 
 def test_the_configured_limit_wins_then_cgroup_v2_then_v1(tmp_path: Path) -> None:
@@ -61,3 +62,18 @@ def test_cgroup_v2_own_path(tmp_path: Path) -> None:
     proc = tmp_path / "cgroup"
     proc.write_text("0::/kubepods/pod-a\n")
     assert memory_limit(None, cgroup_limit_files(proc, root)) == 300 << 20
+
+
+def test_the_budget_counts_what_the_kernel_cannot_reclaim_not_mapped_files(tmp_path: Path) -> None:
+    """A mapped file's pages (the store's, the libraries') are in RSS but not held: a cgroup reclaims them."""
+    size = 64 << 20
+    mapped_file = tmp_path / "mapped"
+    mapped_file.write_bytes(b"\1" * size)
+    rss, held = rss_bytes(), anonymous_bytes()
+    with mapped_file.open("rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+        assert sum(mapped[offset] for offset in range(0, size, mmap.PAGESIZE)) == size // mmap.PAGESIZE
+        assert rss_bytes() > rss + (48 << 20)
+        assert anonymous_bytes() < held + (16 << 20)
+    heap = bytearray(b"\1" * size)  # written, so every page is resident
+    assert anonymous_bytes() > held + (48 << 20)
+    assert len(heap) == size
