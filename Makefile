@@ -33,6 +33,7 @@ check: lint typecheck  ## lint and type-check
 
 bench:  ## run the benchmarks (prints numbers; retrieval needs ../shared/corpus/real-eval)
 	$(PY) bench/importer_bench.py
+	$(PY) bench/session_settings_bench.py
 	$(PY) bench/operator_bench.py
 	$(PY) bench/store_bench.py
 	$(PY) bench/memory_bench.py
