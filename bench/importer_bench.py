@@ -85,6 +85,14 @@ def token_counts(texts: list[str]) -> list[int]:
     return [len(encoding.ids) for encoding in tokenizer.encode_batch(texts)]
 
 
+def model_config() -> dict[str, Any]:
+    """The prepared model's ``config.json`` (its sizes)."""
+    from importer.model import prepare_model
+
+    config: dict[str, Any] = json.loads((prepare_model() / "config.json").read_text())
+    return config
+
+
 def model_flops(lengths: list[int]) -> float:
     """Floating-point operations the encoder needs for texts of these token counts, unpadded.
 
@@ -92,9 +100,7 @@ def model_flops(lengths: list[int]) -> float:
     multiply-adds; attention's scores and weighted sum 2·h·L more for a text of L tokens. Two operations
     per multiply-add. Layer norms, GELU and softmax are left out: this is the matrix work alone.
     """
-    from importer.model import prepare_model
-
-    config = json.loads((prepare_model() / "config.json").read_text())
+    config = model_config()
     hidden, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     per_token = 4 * hidden * hidden + 2 * hidden * inner
     return 2.0 * layers * sum(length * (per_token + 2 * hidden * length) for length in lengths)
@@ -107,12 +113,11 @@ def matmul_gflops(rows: int = 512, repeat: int = 100) -> float:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from importer.model import prepare_model
+    from importer.embed.local import session_options
 
-    config = json.loads((prepare_model() / "config.json").read_text())
+    config = model_config()
     hidden, inner = config["hidden_size"], config["intermediate_size"]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options = session_options()  # the importer's own: one thread
     flops = seconds = 0.0
     for k, n in ((hidden, 3 * hidden), (hidden, hidden), (hidden, inner), (inner, hidden)):
         weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n), np.float32), "w")

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnxruntime as ort
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -32,9 +32,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from importer_bench import chunk_texts, make_corpus  # noqa: E402
 
-from importer.contract import DEFAULT_BATCH_SIZE  # noqa: E402
-from importer.embed.local import _run, _session, _token_budget_batches, session_options  # noqa: E402
-from importer.model import MAX_TOKENS, default_model_dir  # noqa: E402
+from importer.embed.local import LocalEmbedder, _run, _session, _token_budget_batches, session_options  # noqa: E402
+from importer.model import default_model_dir  # noqa: E402
 from importer.settings import Settings  # noqa: E402
 
 WORKERS = 2
@@ -88,15 +87,14 @@ def main() -> None:
     root = args.work / f"corpus-realistic-{args.sessions}-{args.seed}"
     make_corpus(root, args.sessions, "realistic", args.seed)
     model_file = default_model_dir() / "model.onnx"
-    tokenizer = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
-    tokenizer.enable_truncation(MAX_TOKENS)
-    tokenizer.no_padding()
-    encodings = tokenizer.encode_batch(chunk_texts(root, Settings()))
+    # The importer's own embedder: its tokenizer, its batch budget and its session.
+    embedder = LocalEmbedder(threads=WORKERS)
+    encodings = embedder._tokenizer.encode_batch(chunk_texts(root, Settings()))
     tokens = sum(len(e.ids) for e in encodings)
-    batches = list(_token_budget_batches([len(e.ids) for e in encodings], DEFAULT_BATCH_SIZE * MAX_TOKENS))
+    batches = list(_token_budget_batches([len(e.ids) for e in encodings], embedder.token_budget))
     print(f"{len(encodings)} chunks, {tokens} tokens, {len(batches)} batches, {WORKERS} workers", flush=True)
 
-    shared = _session(model_file)
+    shared = embedder._require_session()
     settings = {
         "the importer's": Setting([shared]),
         "no memory arena": Setting([tweaked_session(model_file, arena=False)]),

@@ -443,8 +443,7 @@ class Importer:
         release_memory()
         rss = self._peak.sample()
         budget = self.options.memory_budget
-        held = anonymous_bytes()
-        if budget is not None and held > budget:
+        if budget is not None and (held := anonymous_bytes()) > budget:
             extra = {"anonymous_mb": held >> 20, "rss_mb": rss >> 20, "budget_mb": budget >> 20}
             log.error("memory budget exceeded", extra=extra)
             self.request_stop("memory")
