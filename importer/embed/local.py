@@ -163,7 +163,7 @@ def session_options() -> ort.SessionOptions:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1  # the graph is one chain of operators: nothing runs beside another
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # The memory arena stays on (the default): without it embedding ran ~5 % faster, but the process's anonymous
+    # The memory arena stays on (the default): without it embedding ran 1-5 % faster, but the process's anonymous
     # memory rose and fell by tens of MB instead of staying flat (README: "How close to the machine's limit").
     return options
 
